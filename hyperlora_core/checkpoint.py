@@ -1,0 +1,234 @@
+"""Open a released HyperLoRA checkpoint folder: find its files, infer its dimensions, check every key.
+
+Nothing heavy is read here. Opening parses four small headers and the module list, samples a few blocks
+for the fingerprint, and leaves the 3 GB basis memory-mapped and untouched until the first mixing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import IdProjectorConfig, ResamplerConfig, Shapes, check_keys
+from .errors import CheckpointFileMissing, CheckpointFormatError, MissingKeyError, ModuleMismatchError
+from .safetensors_file import SafetensorsFile
+from .topology import LINEARS, SDXL, TOKENS_PER_MODULE, AttnModule, UNetSpec, resolve
+
+log = logging.getLogger(__name__)
+
+MODULES_JSON = "hyper_lora_modules.json"
+FILES = {  # file name -> role, in the order they are described to users
+    MODULES_JSON: "module list",
+    "hyper_lora_modules.safetensors": "LoRA basis",
+    "resampler.safetensors": "resampler",
+    "id_projector.safetensors": "ID projector",
+    "base_resampler.safetensors": "base resampler (optional)",
+}
+KINDS = ("id", "base")
+DEFAULT_DIM_HEAD = 64  # the released resampler's head width  # the two LoRAs a checkpoint may predict
+
+
+@dataclass(frozen=True)
+class BasisConfig:
+    """The LoRA bases in ``hyper_lora_modules.safetensors``."""
+
+    k: int  # basis size K: coefficients per token
+    id_rank: int  # rank of the ID-LoRA (8 in the release)
+    base_rank: int | None  # rank of the Base-LoRA (id_rank // 2), None when the file has no base bases
+
+    def rank(self, kind: str) -> int | None:
+        return self.id_rank if kind == "id" else self.base_rank
+
+
+@dataclass
+class Checkpoint:
+    """A checked checkpoint folder. Tensors stay on disk until asked for."""
+
+    folder: Path  # the folder holding hyper_lora_modules.json
+    names: tuple[str, ...]  # module names as written in the json, json (= token) order
+    modules: tuple[AttnModule, ...]  # the SDXL module each name refers to, same order
+    unet: UNetSpec  # the UNet the modules were checked against
+    basis: BasisConfig
+    resampler: ResamplerConfig
+    id_projector: IdProjectorConfig | None
+    base_resampler: ResamplerConfig | None
+    files: dict[str, SafetensorsFile]  # role -> file
+    fingerprint: str  # content fingerprint: header bytes and sampled data of every file
+    notes: list[str] = field(default_factory=list)  # non-fatal findings, shown by `inspect`
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """Which face encoders the ID resampler reads: ("arcface", "clip"), ("arcface",) or ("clip",)."""
+        if self.resampler.two_conditions:
+            return ("arcface", "clip")
+        return ("arcface",) if self.id_projector is not None else ("clip",)
+
+    @property
+    def has_base(self) -> bool:
+        return self.base_resampler is not None
+
+    def linear_shape(self, i: int, linear: str) -> tuple[int, int]:
+        return self.modules[i].linear_shape(linear, self.unet)
+
+
+def find_folder(path: Path) -> Path:
+    """The folder holding the module list; accepts one level of accidental nesting (``x/x/``)."""
+    if not path.exists():
+        raise CheckpointFileMissing(
+            f"HyperLoRA checkpoint folder '{path}' does not exist. It must contain "
+            + ", ".join(FILES) + " (the last is optional)."
+        )
+    if (path / MODULES_JSON).is_file():
+        return path
+    nested = [p for p in path.iterdir() if p.is_dir() and (p / MODULES_JSON).is_file()] if path.is_dir() else []
+    if len(nested) == 1:
+        log.info("using nested checkpoint folder %s", nested[0])
+        return nested[0]
+    raise CheckpointFileMissing(
+        f"HyperLoRA checkpoint: '{path / MODULES_JSON}' is missing. The folder must contain "
+        + ", ".join(FILES) + " (the last is optional)."
+    )
+
+
+def read_module_list(folder: Path, unet: UNetSpec) -> tuple[tuple[str, ...], tuple[AttnModule, ...]]:
+    """Names in json order, each resolved to an SDXL module and checked against ``unet``'s widths."""
+    path = folder / MODULES_JSON
+    head = path.read_bytes()[:64]
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointFormatError(f"module list: '{path}' is a git-LFS pointer, not the file; download it again.")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"module list: '{path}' is not valid JSON ({exc}); download it again.") from exc
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointFormatError(f"module list: '{path}' must be a non-empty JSON object of module entries.")
+    names, modules, seen = [], [], {}
+    for name, info in raw.items():
+        module = resolve(name)
+        if module is None:
+            raise ModuleMismatchError(
+                f"module list: '{path}': module {name!r} is not an attention module of the {unet.name} UNet "
+                "in any known naming (kohya-diffusers, kohya-SGM, diffusers processor). This checkpoint is "
+                "not for SDXL."
+            )
+        if module in seen:
+            raise ModuleMismatchError(f"module list: '{path}': {name!r} and {seen[module]!r} name the same module.")
+        seen[module] = name
+        _check_module_entry(path, name, info, module, unet)
+        names.append(name)
+        modules.append(module)
+    return tuple(names), tuple(modules)
+
+
+def _check_module_entry(path: Path, name: str, info: object, module: AttnModule, unet: UNetSpec) -> None:
+    if not isinstance(info, dict) or "hidden_size" not in info:
+        raise CheckpointFormatError(f"module list: '{path}': entry {name!r} lacks 'hidden_size'.")
+    unknown = set(info) - {"hidden_size", "cross_attention_dim"}
+    if unknown:
+        raise CheckpointFormatError(f"module list: '{path}': entry {name!r} has unknown fields {sorted(unknown)}.")
+    hidden, cross = info["hidden_size"], info.get("cross_attention_dim")
+    want_cross = unet.context_dim if module.cross else None
+    if hidden != module.hidden(unet) or (cross != want_cross and not (cross == hidden and not module.cross)):
+        raise ModuleMismatchError(
+            f"module {name!r}: the checkpoint says hidden_size={hidden}, cross_attention_dim={cross}, but in "
+            f"{unet.name} this module has hidden_size={module.hidden(unet)}, cross_attention_dim={want_cross}. "
+            f"This HyperLoRA was made for a different model than {unet.name}."
+        )
+
+
+def _basis_shapes(modules: tuple[AttnModule, ...], unet: UNetSpec, k: int, rank: int, kind: str) -> Shapes:
+    shapes: Shapes = {}
+    for i, module in enumerate(modules):
+        for linear, _, _ in LINEARS:
+            fan_in, fan_out = module.linear_shape(linear, unet)
+            shapes[f"{i}.{linear}.{kind}_down_basis"] = (k, fan_in, rank)
+            shapes[f"{i}.{linear}.{kind}_up_basis"] = (k, rank, fan_out)
+    return shapes
+
+
+def read_basis_config(file: SafetensorsFile, modules: tuple[AttnModule, ...], unet: UNetSpec) -> BasisConfig:
+    found = {key: info.shape for key, info in file.tensors.items()}
+    first = "0.to_q.id_down_basis"
+    if first not in found or len(found[first]) != 3:
+        raise MissingKeyError(
+            f"LoRA basis: '{file.path}' lacks {first!r} (a [K, in, rank] tensor); it is not a HyperLoRA basis file."
+        )
+    k, _, id_rank = found[first]
+    expected = _basis_shapes(modules, unet, k, id_rank, "id")
+    base_rank = None
+    if any(".base_" in key for key in found):
+        base_rank = found.get("0.to_q.base_down_basis", (0, 0, id_rank // 2))[2]
+        expected.update(_basis_shapes(modules, unet, k, base_rank, "base"))
+    try:
+        check_keys("LoRA basis", file.path, found, expected)
+    except CheckpointFormatError as exc:
+        raise type(exc)(f"{exc} (module index i in '<i>.<linear>...' follows the order of {MODULES_JSON})") from exc
+    return BasisConfig(k=k, id_rank=id_rank, base_rank=base_rank)
+
+
+def open_checkpoint(path: str | Path, *, unet: UNetSpec = SDXL, dim_head: int | None = None) -> Checkpoint:
+    """Find, parse and check a checkpoint folder without reading its tensors."""
+    folder = find_folder(Path(path).expanduser())
+    names, modules = read_module_list(folder, unet)
+    files = {
+        "basis": SafetensorsFile(folder / "hyper_lora_modules.safetensors", "LoRA basis"),
+        "resampler": SafetensorsFile(folder / "resampler.safetensors", "resampler"),
+    }
+    basis = read_basis_config(files["basis"], modules, unet)
+    resampler = _resampler_config(files["resampler"], dim_head, len(modules), basis.k)
+    id_projector = None
+    if (folder / "id_projector.safetensors").exists() or resampler.two_conditions:
+        files["id_projector"] = SafetensorsFile(folder / "id_projector.safetensors", "ID projector")
+        id_projector = IdProjectorConfig.from_shapes(_shapes(files["id_projector"]), what="ID projector",
+                                                     path=files["id_projector"].path)
+        if id_projector.width != resampler.x_dim:
+            raise CheckpointFormatError(
+                f"ID projector: '{files['id_projector'].path}' makes {id_projector.width}-wide tokens but the "
+                f"resampler's proj_in reads {resampler.x_dim}; the files come from different checkpoints."
+            )
+    notes: list[str] = []
+    base_resampler = None
+    if (folder / "base_resampler.safetensors").exists():
+        files["base_resampler"] = SafetensorsFile(folder / "base_resampler.safetensors", "base resampler")
+        if basis.base_rank is None:
+            raise MissingKeyError(
+                f"base resampler: '{files['base_resampler'].path}' is present but the LoRA basis has no "
+                "'<i>.<linear>.base_down_basis' tensors; remove the base resampler or use the matching basis."
+            )
+        base_resampler = _resampler_config(files["base_resampler"], dim_head, len(modules), basis.k)
+    elif basis.base_rank is not None:
+        notes.append("the basis has base_* tensors but there is no base_resampler.safetensors: no Base-LoRA")
+    hasher = hashlib.sha256((folder / MODULES_JSON).read_bytes())
+    for role in sorted(files):
+        files[role].update_fingerprint(hasher)
+    return Checkpoint(folder=folder, names=names, modules=modules, unet=unet, basis=basis, resampler=resampler,
+                      id_projector=id_projector, base_resampler=base_resampler, files=files,
+                      fingerprint=hasher.hexdigest()[:32], notes=notes)
+
+
+def _shapes(file: SafetensorsFile) -> Shapes:
+    return {key: info.shape for key, info in file.tensors.items()}
+
+
+def _resampler_config(file: SafetensorsFile, dim_head: int | None, n_modules: int, k: int) -> ResamplerConfig:
+    """dim_head: as given; else as the file's metadata tells ("dim_head"); else the release's 64."""
+    if dim_head is None:
+        told = file.metadata.get("dim_head", str(DEFAULT_DIM_HEAD))
+        if not told.isdigit() or int(told) <= 0:
+            raise CheckpointFormatError(f"{file.what}: '{file.path}': metadata dim_head={told!r} is not a number")
+        dim_head = int(told)
+    config = ResamplerConfig.from_shapes(_shapes(file), what=file.what, path=file.path, dim_head=dim_head)
+    if config.num_queries != TOKENS_PER_MODULE * n_modules:
+        raise CheckpointFormatError(
+            f"{file.what}: '{file.path}' has {config.num_queries} latent tokens but {MODULES_JSON} lists "
+            f"{n_modules} modules, which need {TOKENS_PER_MODULE * n_modules}; the files do not belong together."
+        )
+    if config.out_dim != k:
+        raise CheckpointFormatError(
+            f"{file.what}: '{file.path}' outputs {config.out_dim} coefficients per token but the basis has K={k}; "
+            "the files do not belong together."
+        )
+    return config

@@ -1,0 +1,76 @@
+"""LoRA state dicts: key formats, building from mixed bases, saving.
+
+A LoRA here is a plain ``dict[str, Tensor]`` with, per target linear ``P``:
+``P.lora_down.weight`` [r, in], ``P.lora_up.weight`` [out, r] and ``P.alpha`` (scalar), so that the weight
+delta is ``up @ down · alpha / r``. Key prefixes follow one of two formats:
+
+* ``kohya``: ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` (ComfyUI's LoraLoader,
+  A1111/Forge and kohya's scripts load it);
+* ``comfy``: ``diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (ComfyUI's LORA_MODEL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .topology import LINEARS, AttnModule, comfy_key, kohya_key
+
+KEY_FORMATS: dict[str, Callable[[AttnModule, str], str]] = {"kohya": kohya_key, "comfy": comfy_key}
+ALPHA_PER_RANK = 0.5  # the method's alpha = rank / 2, i.e. a LoRA scale of 0.5
+
+
+def key_function(key_format: str) -> Callable[[AttnModule, str], str]:
+    try:
+        return KEY_FORMATS[key_format]
+    except KeyError:
+        raise ValueError(f"key_format must be one of {sorted(KEY_FORMATS)}, got {key_format!r}") from None
+
+
+def build_lora(
+    mixed: dict[tuple[int, str], dict[str, torch.Tensor]],
+    modules: Sequence[AttnModule],
+    key_format: str = "kohya",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Mixed basis matrices ({(i, linear): {"down": [in, r], "up": [r, out]}}) -> LoRA state dict."""
+    key_of = key_function(key_format)
+    lora: dict[str, torch.Tensor] = {}
+    for i, module in enumerate(modules):  # json order, then q, k, v, out
+        for linear, _, _ in LINEARS:
+            _add_pair(lora, key_of(module, linear), mixed[(i, linear)], dtype)
+    return lora
+
+
+def _add_pair(lora: dict[str, torch.Tensor], prefix: str, pair: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Basis orientation ([in, r], [r, out]) -> stored orientation ([r, in], [out, r]) plus alpha = r / 2."""
+    down, up = pair["down"].t(), pair["up"].t()
+    lora[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
+    lora[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
+    lora[prefix + ".alpha"] = torch.tensor(down.shape[0] * ALPHA_PER_RANK, dtype=dtype)
+
+
+def lora_prefixes(lora: dict[str, torch.Tensor]) -> list[str]:
+    """The target prefixes of a LoRA state dict, in insertion order."""
+    suffix = ".lora_down.weight"
+    return [key[: -len(suffix)] for key in lora if key.endswith(suffix)]
+
+
+def lora_delta(lora: dict[str, torch.Tensor], prefix: str, strength: float = 1.0) -> torch.Tensor:
+    """The weight delta ``strength · alpha / r · up @ down`` the LoRA adds at ``prefix`` (float32)."""
+    down = lora[prefix + ".lora_down.weight"].float()
+    up = lora[prefix + ".lora_up.weight"].float()
+    alpha = float(lora[prefix + ".alpha"]) if prefix + ".alpha" in lora else down.shape[0]
+    return strength * alpha / down.shape[0] * (up @ down)
+
+
+def save_lora(lora: dict[str, torch.Tensor], path: str | Path, *, dtype: torch.dtype | None = torch.float16,
+              metadata: dict[str, str] | None = None) -> Path:
+    """Write a LoRA as safetensors (fp16 by default, as LoRA files usually are); returns the path."""
+    tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", **(metadata or {})})
+    return path

@@ -1,0 +1,193 @@
+"""The public object: a loaded HyperLoRA checkpoint that predicts identities and turns them into LoRAs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .basis import BasisBank, Progress
+from .checkpoint import KINDS, Checkpoint, open_checkpoint
+from .errors import ConditionError
+from .identity import Identity
+from .lora_io import build_lora
+from .resampler import IdProjector, Resampler
+from .topology import SDXL, UNetSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None/"auto": fp32 on the CPU (fast and exact there), fp16 on an accelerator."""
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
+    return dtype
+
+
+class HyperLoRA:
+    """A checked checkpoint. Networks are built on first use; the bases stay memory-mapped until mixed."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = dtype
+        self._resampler: Resampler | None = None
+        self._base_resampler: Resampler | None = None
+        self._id_projector: IdProjector | None = None
+        self._banks: dict[str, BasisBank] = {}
+
+    # -- facts -------------------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.checkpoint.fingerprint
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return self.checkpoint.names
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        return self.checkpoint.encoders
+
+    @property
+    def has_base(self) -> bool:
+        return self.checkpoint.has_base
+
+    # -- lazy networks -----------------------------------------------------------------------------------
+    def _build(self, cls: type[torch.nn.Module], config: object, role: str) -> torch.nn.Module:
+        """Build on the meta device and adopt the memory-mapped tensors: no random init, no extra copy."""
+        file = self.checkpoint.files[role]
+        with torch.device("meta"):
+            module = cls(config)
+        module.load_state_dict({key: file.tensor(key) for key in file.keys()}, strict=True, assign=True)
+        return module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    def resampler(self, kind: str = "id") -> Resampler:
+        if kind == "id":
+            if self._resampler is None:
+                self._resampler = self._build(Resampler, self.checkpoint.resampler, "resampler")
+            return self._resampler
+        if not self.has_base:
+            raise ValueError("this checkpoint has no Base-LoRA (no base_resampler.safetensors)")
+        if self._base_resampler is None:
+            self._base_resampler = self._build(Resampler, self.checkpoint.base_resampler, "base_resampler")
+        return self._base_resampler
+
+    def id_projector(self) -> IdProjector:
+        if self._id_projector is None:
+            self._id_projector = self._build(IdProjector, self.checkpoint.id_projector, "id_projector")
+        return self._id_projector
+
+    def bank(self, kind: str) -> BasisBank:
+        if kind not in self._banks:
+            bank = BasisBank(self.checkpoint.files["basis"], len(self.checkpoint.modules), kind)
+            if self.device.type != "cpu":
+                bank.to_device(self.device, self.dtype)
+            self._banks[kind] = bank
+        return self._banks[kind]
+
+    def unload(self) -> None:
+        """Drop built networks and device copies; the files stay mapped and everything rebuilds on demand."""
+        self._resampler = self._base_resampler = self._id_projector = None
+        self._banks.clear()
+
+    # -- the method ----------------------------------------------------------------------------------------
+    def _conditions(self, clip_tokens: torch.Tensor | None, id_embeds: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The resampler's x (and y) from the face conditions this checkpoint reads."""
+        cfg = self.checkpoint.resampler
+        needs = self.encoders
+        if "arcface" in needs and id_embeds is None:
+            raise ConditionError(f"this checkpoint reads ArcFace embeddings ({' + '.join(needs)}); "
+                                 "pass id_embeds [B, 512] from the face analyzer")
+        if "clip" in needs and clip_tokens is None:
+            raise ConditionError(f"this checkpoint reads CLIP tokens ({' + '.join(needs)}); "
+                                 "pass clip_tokens [B, 257, 1024] from CLIP ViT-L/14")
+        clip = _check("clip_tokens", clip_tokens, 3, cfg.y_dim if cfg.two_conditions else cfg.x_dim)
+        if "arcface" in needs:
+            embeds = _check("id_embeds", id_embeds, 2, self.checkpoint.id_projector.embed_dim)
+            x = self.id_projector()(embeds.to(self.device, self.dtype))
+            if clip is not None and clip.shape[0] != x.shape[0]:
+                raise ConditionError(f"clip_tokens has {clip.shape[0]} images but id_embeds has {x.shape[0]}; "
+                                     "pass one of each per reference image")
+            return x, (clip.to(self.device, self.dtype) if cfg.two_conditions else None)
+        return clip.to(self.device, self.dtype), None
+
+    @torch.inference_mode()
+    def predict_identity(self, clip_tokens: torch.Tensor | None = None, id_embeds: torch.Tensor | None = None,
+                         base_clip_tokens: torch.Tensor | None = None) -> Identity:
+        """Face conditions of B reference images of one person -> one identity (the B images are averaged).
+
+        clip_tokens: [B, 257, 1024] penultimate CLIP ViT-L/14 tokens of the face crops.
+        id_embeds: [B, 512] normed ArcFace embeddings.
+        base_clip_tokens: CLIP tokens of the face-blurred images for the Base-LoRA (checkpoints with one).
+        """
+        x, y = self._conditions(clip_tokens, id_embeds)
+        tokens = self.resampler("id")(x, y).float().cpu()
+        base = None
+        if self.has_base and base_clip_tokens is not None:
+            base_in = _check("base_clip_tokens", base_clip_tokens, 3, self.checkpoint.base_resampler.x_dim)
+            base = self.resampler("base")(base_in.to(self.device, self.dtype)).float().cpu()
+        return Identity(tokens=tokens, module_names=self.module_names, fingerprint=self.fingerprint,
+                        base_tokens=base)
+
+    @torch.inference_mode()
+    def identity_to_lora(self, identity: Identity, kind: str = "id", key_format: str = "kohya",
+                         dtype: torch.dtype = torch.float32, progress: Progress | None = None,
+                         ) -> dict[str, torch.Tensor]:
+        """Mix the bases with the identity's coefficients: a LoRA state dict of all 4 × n_modules linears."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        identity.check_compatible(self.fingerprint, self.module_names)
+        tokens = identity.tokens if kind == "id" else identity.base_tokens
+        if kind == "base" and (tokens is None or self.checkpoint.basis.base_rank is None):
+            raise ValueError("no Base-LoRA: the checkpoint has no base bases or the identity has no base tokens")
+        if tokens.shape[1] != self.checkpoint.basis.k:
+            raise ValueError(f"identity has K={tokens.shape[1]} coefficients per token, the basis K="
+                             f"{self.checkpoint.basis.k}")
+        mixed = self.bank(kind).mix(tokens.to(self.device), progress)
+        return build_lora(mixed, self.checkpoint.modules, key_format, dtype)
+
+    def __repr__(self) -> str:
+        c = self.checkpoint
+        return (f"HyperLoRA({c.folder.name}: {len(c.modules)} modules, K={c.basis.k}, rank={c.basis.id_rank}, "
+                f"encoders={'+'.join(self.encoders)}, base={self.has_base}, {self.dtype}, {self.device})")
+
+
+def _check(name: str, value: torch.Tensor | None, ndim: int, width: int | None) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim or (width is not None and value.shape[-1] != width):
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        want = "[B, 512]" if ndim == 2 else "[B, tokens, width]"
+        raise ConditionError(f"{name} must be a {want} tensor with last dimension {width}; got {shape}")
+    if value.shape[0] == 0:
+        raise ConditionError(f"{name} holds no images; give at least one reference photo")
+    if not torch.isfinite(value).all():
+        raise ConditionError(f"{name} contains NaN or infinite values; check the encoder that produced it")
+    return value
+
+
+def load_hyperlora(path: str | Path, device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = None, *, unet: UNetSpec = SDXL,
+                   dim_head: int | None = None) -> HyperLoRA:
+    """Open and check a checkpoint folder. Reads headers only; the networks build on first prediction.
+
+    device: where prediction and mixing run (default CPU). dtype: "auto"/None, "fp32", "fp16" or "bf16".
+    unet: the UNet the modules must fit (SDXL). dim_head: the resampler's head width; by default what the
+    resampler file's metadata says, else the release's 64.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    checkpoint = open_checkpoint(path, unet=unet, dim_head=dim_head)
+    model = HyperLoRA(checkpoint, device, resolve_dtype(dtype, device))
+    log.info("loaded %r", model)
+    return model

@@ -98,34 +98,39 @@ def attention(sd: dict, pre: str, q_in: torch.Tensor, kv_in: torch.Tensor) -> to
     return linear(out, sd, pre + ".to_out.0", bias=False)
 
 
-def resampler_image(rs: dict, idp: dict, clip: torch.Tensor, arc: torch.Tensor) -> torch.Tensor:
-    """One image -> proj_out(latents) [Q, K], before batch averaging and normalisation."""
-    d = idp["2.weight"].shape[0]
-    x = linear(arc[None], idp, "0").reshape(-1, d)  # T tokens x D
-    x = layer_norm(x, idp, "2")
-    xb = linear(x, rs, "proj_in")
-    yb = linear(clip, rs, "proj_in_2")
+def resampler_image(rs: dict, conds: list[torch.Tensor]) -> torch.Tensor:
+    """One image -> proj_out(latents) [Q, K], before batch averaging and normalisation.
+
+    conds are the condition tokens in resampler order: [x (ArcFace tokens), y (CLIP)] for the ID resampler, entering
+    through proj_in and proj_in_2 and cross-attended by attn2 and attn3. A one-condition resampler (the base one) has
+    only proj_in and attn2.
+    """
+    feats = [linear(c, rs, proj) for c, proj in zip(conds, ("proj_in", "proj_in_2"), strict=False)]
     lat = rs["latents"][0].clone()
     depth = len({k.split(".")[1] for k in rs if k.startswith("layers.")})
     for n in range(depth):
         p = f"layers.{n}."
         a1 = layer_norm(lat, rs, p + "norm_attn1")
         lat = lat + attention(rs, p + "attn1", a1, a1)
-        for attn, cond in (("attn2", xb), ("attn3", yb)):  # cross-attention to x (ArcFace), then to y (CLIP)
-            tag = {"attn2": ("norm_attn2_l", "norm_attn2_x"), "attn3": ("norm_attn3_l", "norm_attn3_y")}[attn]
-            lat = lat + attention(rs, p + attn, layer_norm(lat, rs, p + tag[0]), layer_norm(cond, rs, p + tag[1]))
+        for j, cond in enumerate(feats):  # cross-attention to x (ArcFace), then to y (CLIP)
+            attn, nl, nc = f"attn{j + 2}", f"norm_attn{j + 2}_l", f"norm_attn{j + 2}_{'xy'[j]}"
+            lat = lat + attention(rs, p + attn, layer_norm(lat, rs, p + nl), layer_norm(cond, rs, p + nc))
         h = gelu(linear(layer_norm(lat, rs, p + "norm_ff"), rs, p + "ff.net.0.proj"))
         lat = lat + linear(h, rs, p + "ff.net.2")
     return linear(lat, rs, "proj_out")
+
+
+def id_tokens(idp: dict, arc: torch.Tensor) -> torch.Tensor:
+    """id_projector: Linear(E -> T*D), reshape to T x D, LayerNorm(D)."""
+    d = idp["2.weight"].shape[0]
+    return layer_norm(linear(arc[None], idp, "0").reshape(-1, d), idp, "2")
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
     return t * (1.0 / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-8))
 
 
-def reference_tokens(folder: Path, clip: torch.Tensor, arc: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-    rs, idp = load64(folder / "resampler.safetensors"), load64(folder / "id_projector.safetensors")
-    per = [resampler_image(rs, idp, clip[b].double(), arc[b].double()) for b in range(clip.shape[0])]
+def combine(per: list[torch.Tensor], mode: str) -> torch.Tensor:
     if mode == "mean":
         return l2norm(sum(per) / len(per))
     if mode == "first":  # wrong: no batch average
@@ -133,6 +138,17 @@ def reference_tokens(folder: Path, clip: torch.Tensor, arc: torch.Tensor, mode: 
     if mode == "norm_then_mean":  # wrong: normalise before averaging
         return sum(l2norm(t) for t in per) / len(per)
     raise ValueError(mode)
+
+
+def reference_tokens(folder: Path, clip: torch.Tensor, arc: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    rs, idp = load64(folder / "resampler.safetensors"), load64(folder / "id_projector.safetensors")
+    per = [resampler_image(rs, [id_tokens(idp, arc[b].double()), clip[b].double()]) for b in range(clip.shape[0])]
+    return combine(per, mode)
+
+
+def reference_base_tokens(folder: Path, base_clip: torch.Tensor) -> torch.Tensor:
+    rs = load64(folder / "base_resampler.safetensors")
+    return combine([resampler_image(rs, [base_clip[b].double()]) for b in range(base_clip.shape[0])], "mean")
 
 
 def reference_lora(folder: Path, tokens: torch.Tensor, kind: str, key_format: str) -> dict[str, torch.Tensor]:
@@ -233,15 +249,22 @@ def test_id_lora_matches_reference(ckpts, naming, key_format):
 @pytest.mark.parametrize("naming", NAMINGS)
 def test_base_lora_matches_reference(ckpts, naming):
     folder, hl = ckpts(naming)
-    clip, arc = random_inputs(folder, 1, seed=11)
-    ident = hl.predict_identity(clip_tokens=clip, id_embeds=arc)
+    clip, arc = random_inputs(folder, 2, seed=11)
+    assert hl.predict_identity(clip_tokens=clip, id_embeds=arc).base_tokens is None  # no blurred crops, no base
+    # Base-LoRA input: CLIP tokens of the face-blurred crops (DESIGN.md training stage 1), width from the base file
+    base_rs = load_file(str(folder / "base_resampler.safetensors"))
+    g = torch.Generator().manual_seed(12)
+    base_clip = torch.randn(2, 257, base_rs["proj_in.weight"].shape[1], generator=g)
+    ident = hl.predict_identity(clip_tokens=clip, id_embeds=arc, base_clip_tokens=base_clip)
     assert ident.base_tokens is not None
     bases = load_file(str(folder / "hyper_lora_modules.safetensors"))
     r_id, r_base = bases["0.to_q.id_down_basis"].shape[2], bases["0.to_q.base_down_basis"].shape[2]
     assert r_base == r_id // 2
-    assert tuple(ident.base_tokens.shape) == (8 * len(ident.module_names), bases["0.to_q.base_down_basis"].shape[0])
+    # one-condition reading of the same Perceiver (DESIGN.md leaves the base resampler unspecified)
+    assert max_diff(reference_base_tokens(folder, base_clip), ident.base_tokens) <= TOL
     got = hl.identity_to_lora(ident, kind="base", key_format="kohya")
     ref = reference_lora(folder, ident.base_tokens, "base", "kohya")
+    assert len(got) == 560 * 3
     assert_lora_equal(ref, got)
     assert {float(v) for k, v in got.items() if k.endswith(".alpha")} == {r_base * 0.5}
 

@@ -1,0 +1,116 @@
+"""Command line: ``python -m hyperlora_core inspect <folder>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import HyperLoRAError
+from .topology import NAMINGS, SDXL, UNetSpec, diffusers_order, sdxl_modules
+
+log = logging.getLogger("hyperlora_core")
+
+
+def _naming(checkpoint: Checkpoint) -> str:
+    for naming in NAMINGS:
+        if all(m.name(naming) == n for m, n in zip(checkpoint.modules, checkpoint.names, strict=True)):
+            return naming
+    return "mixed"
+
+
+def _order(checkpoint: Checkpoint) -> str:
+    for label, order in (("SGM (down, mid, up)", sdxl_modules()), ("diffusers (down, up, mid)", diffusers_order())):
+        if checkpoint.modules == tuple(order):
+            return label
+    return "custom (json order is the token order)"
+
+
+def summary(checkpoint: Checkpoint) -> dict[str, object]:
+    """Plain-data description of a checked checkpoint."""
+    files = {}
+    for role, file in checkpoint.files.items():
+        params = sum(_numel(info.shape) for info in file.tensors.values())
+        files[file.path.name] = {"role": role, "bytes": file.size, "tensors": len(file.tensors),
+                                 "params": params, "dtypes": sorted(file.dtypes())}
+    r = checkpoint.resampler
+    out: dict[str, object] = {
+        "folder": str(checkpoint.folder),
+        "fingerprint": checkpoint.fingerprint,
+        "modules": len(checkpoint.modules),
+        "module_naming": _naming(checkpoint),
+        "module_order": _order(checkpoint),
+        "target": checkpoint.unet.name,
+        "basis_size_K": checkpoint.basis.k,
+        "id_rank": checkpoint.basis.id_rank,
+        "base_rank": checkpoint.basis.base_rank,
+        "encoders": list(checkpoint.encoders),
+        "resampler": {"dim": r.dim, "depth": r.depth, "heads": r.heads, "dim_head": r.dim_head,
+                      "latent_tokens": r.num_queries, "ff_inner": r.ff_inner, "x_width": r.x_dim, "y_width": r.y_dim},
+        "base_lora": checkpoint.has_base,
+        "files": files,
+        "problems": list(checkpoint.notes),
+    }
+    if checkpoint.id_projector is not None:
+        p = checkpoint.id_projector
+        out["id_projector"] = {"embed_dim": p.embed_dim, "id_tokens": p.num_tokens, "width": p.width}
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _print_summary(info: dict[str, object]) -> None:
+    lines = [f"checkpoint   {info['folder']}", f"fingerprint  {info['fingerprint']}",
+             f"modules      {info['modules']} for {info['target']}, {info['module_naming']} names, "
+             f"{info['module_order']} order",
+             f"basis        K={info['basis_size_K']}, ID rank {info['id_rank']}, base rank {info['base_rank']}",
+             f"encoders     {' + '.join(info['encoders'])}, Base-LoRA: {'yes' if info['base_lora'] else 'no'}",
+             "resampler    " + ", ".join(f"{k} {v}" for k, v in info["resampler"].items())]
+    if "id_projector" in info:
+        lines.append("id projector " + ", ".join(f"{k} {v}" for k, v in info["id_projector"].items()))
+    for name, f in info["files"].items():
+        lines.append(f"file         {name}: {f['bytes'] / 2**20:.1f} MiB, {f['tensors']} tensors, "
+                     f"{f['params'] / 1e6:.3f} M params, {'/'.join(f['dtypes'])}")
+    problems = info["problems"] or ["none"]
+    lines += [f"problems     {p}" for p in problems]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _unet_spec(text: str) -> UNetSpec:
+    try:
+        w1, w2, ctx = (int(v) for v in text.split(","))
+        return UNetSpec(name=f"UNet {text}", level_widths=(w1, w2), context_dim=ctx)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--unet takes three positive integers like 640,1280,2048 ({exc})") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperlora_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="check a checkpoint folder and print its dimensions")
+    ins.add_argument("folder", help="folder with hyper_lora_modules.json and the .safetensors files")
+    ins.add_argument("--dim-head", type=int, default=None, help="resampler head width if not the release's 64")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.add_argument("--unet", type=_unet_spec, default=SDXL, metavar="W1,W2,CTX",
+                     help="check against a UNet with these attention widths and context width (default SDXL)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        checkpoint = open_checkpoint(args.folder, unet=args.unet, dim_head=args.dim_head)
+    except HyperLoRAError as exc:
+        sys.stdout.write(f"checkpoint   {args.folder}\nproblems     {exc}\n")
+        return 1
+    info = summary(checkpoint)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        _print_summary(info)
+    return 0

@@ -1,0 +1,48 @@
+"""Shared fixtures. The machines are small and shared: keep torch to two threads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("MKL_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hyperlora_core import load_hyperlora  # noqa: E402
+from hyperlora_core.synthetic import TINY_UNET, write_checkpoint  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """write_checkpoint(**kw) cached per argument set for the whole session."""
+    cache = {}
+
+    def make(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = write_checkpoint(tmp_path_factory.mktemp("ckpt"), **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_factory):
+    return tiny_factory(base=True)
+
+
+@pytest.fixture()
+def tiny_hl(tiny_ckpt):
+    return load_hyperlora(tiny_ckpt, unet=TINY_UNET)
+
+
+def conditions(batch: int, seed: int = 0, clip_dim: int = 1024, embed_dim: int = 512):
+    """Random face conditions: CLIP tokens [b, 257, clip_dim] and unit-norm ArcFace embeddings [b, embed_dim]."""
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(batch, 257, clip_dim, generator=g)
+    arc = torch.nn.functional.normalize(torch.randn(batch, embed_dim, generator=g), dim=-1)
+    return clip, arc

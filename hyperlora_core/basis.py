@@ -1,106 +1,161 @@
 """Basis mixing: coefficient tokens -> the (down, up) matrices of every target linear.
 
-A linear's LoRA is ``down = Σ_k a_k · down_basis[k]`` and ``up = Σ_k b_k · up_basis[k]``. Tensors of equal
-shape form a group and are mixed together by one batched matmul. On the CPU the bases stay memory-mapped
-in their file dtype; a group is streamed through a small float32 staging buffer sized to stay in cache, so
-the 3 GB are read once and never copied whole. On an accelerator each group is stacked once into one
-device tensor and mixed in a single ``bmm``.
+A linear's LoRA is ``down = Σ_k a_k · down_basis[k]`` and ``up = Σ_k b_k · up_basis[k]``, for 1,120 basis
+tensors at the released size. They are mixed in one vectorised pass over the memory-mapped file:
 
-Letters: ``g`` tensors in a group, ``k`` basis size, ``x`` flattened matrix (in·r or r·out).
+The data region of ``hyper_lora_modules.safetensors`` is viewed as one ``[rows, d]`` matrix, d being the
+largest width that divides every tensor's size and offset (1024 in the release). Row ``s`` of the mixed
+matrix of tensor j is then ``Σ_k c_jk · R[row0_j + k·n_j + s]``: a weighted bag of K rows. All bags go
+through ``embedding_bag`` in a few calls, which reads each basis byte once, accumulates in float32 and
+rounds once to the file dtype. For half-precision files each coefficient is split into a high and a low
+half-precision part (two entries on the same row, which is then still in cache), so the coefficients keep
+float32 precision and the only rounding left is that single one of the result.
+
+Files whose layout does not allow the flat view (mixed dtypes, odd offsets) take a slower exact path that
+streams tensors of equal shape through a float32 staging buffer, one ``bmm`` per chunk.
+
+Letters: ``j`` basis tensors, ``k`` basis size, ``s`` rows of a tensor in the flat view, ``d`` row width.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .safetensors_file import SafetensorsFile
 from .topology import LINEARS, TOKENS_PER_MODULE
 
-STAGE_BYTES = 8 << 20  # float32 staging buffer per chunk: a few MiB stays in the CPU's cache
+Progress = Callable[[int, int], None]  # (done, total)
+MIN_ROW = 8  # a flat view with narrower rows would be slower than the staged path
+STAGE_BYTES = 8 << 20  # staged path: float32 buffer per chunk, sized to stay in cache
+PROGRESS_STEPS = 8
 
-Progress = Callable[[int, int], None]  # (done, total), tqdm-compatible in spirit
+
+@dataclass(frozen=True)
+class Member:
+    """One basis tensor and where its mixed matrix goes."""
+
+    key: str  # safetensors key, e.g. "3.to_k.id_down_basis"
+    token: int  # coefficient token that mixes it
+    output: tuple[int, str, str]  # (module index, linear, "down" | "up")
+    shape: tuple[int, int, int]  # (k, a, b)
 
 
-@dataclass
-class BasisGroup:
-    """Basis tensors of one shape: ``[k, a, b]`` each, stacked along a new first axis when on a device."""
+class FlatRows:
+    """The data region of a basis file as one ``[rows, d]`` matrix, memory-mapped (or copied to a device)."""
 
-    shape: tuple[int, int, int]  # (k, a, b) of every member
-    keys: list[str] = field(default_factory=list)  # safetensors keys, in member order
-    tokens: list[int] = field(default_factory=list)  # coefficient token of each member
-    outputs: list[tuple[int, str, str]] = field(default_factory=list)  # (module index, linear, "down"|"up")
-    stacked: torch.Tensor | None = None  # [g, k, a·b] on the compute device, when stacked
+    def __init__(self, file: SafetensorsFile) -> None:
+        infos = list(file.tensors.values())
+        dtypes = {i.dtype for i in infos}
+        self.ok = len(dtypes) == 1
+        if not self.ok:
+            return
+        self.dtype = file.torch_dtype(next(iter(dtypes)))
+        item = torch.empty((), dtype=self.dtype).element_size()
+        sizes = [math.prod(i.shape[1:]) for i in infos] + [i.start // item for i in infos]  # row sizes, offsets
+        self.d = math.gcd(*sizes)
+        self.ok = self.d >= MIN_ROW and file.data_start % item == 0 and all(i.start % item == 0 for i in infos)
+        if not self.ok:
+            return
+        self.item = item
+        total = (file.size - file.data_start) // item
+        raw = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
+        region = raw[file.data_start: file.data_start + total // self.d * self.d * item]
+        self.rows = region.view(self.dtype).view(-1, self.d)  # [rows, d], file-backed pages
 
-    def nbytes(self, itemsize: int) -> int:
-        k, a, b = self.shape
-        return len(self.keys) * k * a * b * itemsize
+    def to(self, device: torch.device) -> None:
+        self.rows = self.rows.to(device)
 
 
 class BasisBank:
-    """All bases of one kind ("id" or "base") of a checkpoint, grouped by shape."""
+    """All bases of one kind ("id" or "base") of a checkpoint, ready to mix."""
 
-    def __init__(self, file: SafetensorsFile, n_modules: int, kind: str) -> None:
+    def __init__(self, file: SafetensorsFile, n_modules: int, kind: str, flat: FlatRows | None = None) -> None:
         self.file = file
         self.kind = kind
-        groups: dict[tuple[int, int, int], BasisGroup] = {}
+        self.members: list[Member] = []
         for i in range(n_modules):
             for j, (linear, _, _) in enumerate(LINEARS):
                 for side_index, side in enumerate(("down", "up")):
                     key = f"{i}.{linear}.{kind}_{side}_basis"
-                    shape = file.shape(key)
-                    group = groups.setdefault(shape, BasisGroup(shape))
-                    group.keys.append(key)
-                    group.tokens.append(i * TOKENS_PER_MODULE + 2 * j + side_index)
-                    group.outputs.append((i, linear, side))
-        self.groups = list(groups.values())
-        self.n_tensors = sum(len(g.keys) for g in self.groups)
+                    self.members.append(Member(key, i * TOKENS_PER_MODULE + 2 * j + side_index, (i, linear, side),
+                                               file.shape(key)))
+        self.tokens = torch.tensor([m.token for m in self.members])
+        self.flat = flat if flat is not None and flat.ok else None
+        if self.flat is not None:
+            self._index_flat()
 
-    def to_device(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Stack every group on ``device`` (one copy of the bases); CPU mixing never needs this."""
-        for group in self.groups:
-            k, a, b = group.shape
-            stacked = torch.empty((len(group.keys), k, a * b), device=device, dtype=dtype)
-            for slot, key in enumerate(group.keys):
-                stacked[slot].copy_(self.file.tensor(key).reshape(k, a * b), non_blocking=True)
-            group.stacked = stacked
+    def _index_flat(self) -> None:
+        """Rows of every bag: tensor j, row s -> [row0_j + k·n_j + s for k < K], as a [bags, 2k] index."""
+        flat, parts, n_rows = self.flat, [], []
+        for m in self.members:
+            k, a, b = m.shape
+            n = a * b // flat.d
+            row0 = self.file.tensors[m.key].start // flat.item // flat.d
+            parts.append(row0 + torch.arange(k).view(1, k) * n + torch.arange(n).view(n, 1))
+            n_rows.append(n)
+        index = torch.cat(parts)  # [bags, k]
+        self.index = index.repeat_interleave(2, dim=1) if flat.dtype != torch.float32 else index
+        self.rows_per_member = torch.tensor(n_rows)
+        self.n_rows = n_rows
 
-    def release_device(self) -> None:
-        for group in self.groups:
-            group.stacked = None
+    @property
+    def device(self) -> torch.device:
+        return self.flat.rows.device if self.flat is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def mix(self, tokens: torch.Tensor, progress: Progress | None = None) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    def mix(self, tokens: torch.Tensor, progress: Progress | None = None,
+            ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
         """tokens [q, k] -> {(module, linear): {"down": [a, r], "up": [r, b]}} in float32, basis orientation."""
+        coefs = tokens.float().to(self.device)[self.tokens.to(self.device)]  # [j, k]
+        mixed = self._mix_flat(coefs, progress) if self.flat is not None else self._mix_staged(coefs, progress)
         out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        done = 0
-        for group in self.groups:
-            k, a, b = group.shape
-            coefs = tokens[group.tokens].float()  # [g, k]
-            if group.stacked is not None:
-                mixed = torch.bmm(coefs.to(group.stacked).unsqueeze(1), group.stacked).squeeze(1).float()
-            else:
-                mixed = self._mix_streamed(group, coefs)
-            for (i, linear, side), matrix in zip(group.outputs, mixed.view(-1, a, b), strict=True):
-                out.setdefault((i, linear), {})[side] = matrix
-            done += len(group.keys)
-            if progress is not None:
-                progress(done, self.n_tensors)
+        for m, matrix in zip(self.members, mixed, strict=True):
+            i, linear, side = m.output
+            out.setdefault((i, linear), {})[side] = matrix.view(m.shape[1], m.shape[2])
         return out
 
-    def _mix_streamed(self, group: BasisGroup, coefs: torch.Tensor) -> torch.Tensor:
-        """Stream memory-mapped members through a float32 staging buffer, one bmm per chunk: [g, a·b]."""
-        k, a, b = group.shape
-        width = a * b
-        chunk = max(1, STAGE_BYTES // (k * width * 4))
-        stage = torch.empty((min(chunk, len(group.keys)), k, width), dtype=torch.float32)
-        mixed = torch.empty((len(group.keys), 1, width), dtype=torch.float32)
-        coefs = coefs.to("cpu").unsqueeze(1)  # [g, 1, k]
-        for start in range(0, len(group.keys), chunk):
-            stop = min(start + chunk, len(group.keys))
-            for slot, key in enumerate(group.keys[start:stop]):
-                stage[slot].copy_(self.file.tensor(key).view(k, width))
-            torch.bmm(coefs[start:stop], stage[: stop - start], out=mixed[start:stop])
-        return mixed.squeeze(1)
+    def _mix_flat(self, coefs: torch.Tensor, progress: Progress | None) -> list[torch.Tensor]:
+        flat = self.flat
+        weights = coefs.repeat_interleave(self.rows_per_member.to(coefs.device), dim=0)  # [bags, k]
+        if flat.dtype != torch.float32:
+            high = weights.to(flat.dtype)
+            low = (weights - high.float()).to(flat.dtype)
+            weights = torch.stack([high, low], dim=-1).flatten(1)  # [bags, 2k], pairs on the same row
+        index = self.index.to(coefs.device)
+        bags = index.shape[0]
+        out = torch.empty((bags, flat.d), dtype=torch.float32, device=coefs.device)
+        step = -(-bags // PROGRESS_STEPS)
+        for start in range(0, bags, step):
+            stop = min(bags, start + step)
+            out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, per_sample_weights=weights[start:stop],
+                                              mode="sum")
+            if progress is not None:
+                progress(stop, bags)
+        return [m.flatten() for m in out.split(self.n_rows)]
+
+    def _mix_staged(self, coefs: torch.Tensor, progress: Progress | None) -> list[torch.Tensor]:
+        """Exact fallback: members of one shape go through a float32 staging buffer, one bmm per chunk."""
+        by_shape: dict[tuple[int, int, int], list[int]] = {}
+        for j, m in enumerate(self.members):
+            by_shape.setdefault(m.shape, []).append(j)
+        results: list[torch.Tensor | None] = [None] * len(self.members)
+        done = 0
+        for (k, a, b), group in by_shape.items():
+            chunk = max(1, STAGE_BYTES // (k * a * b * 4))
+            stage = torch.empty((min(chunk, len(group)), k, a * b), dtype=torch.float32)
+            for start in range(0, len(group), chunk):
+                part = group[start: start + chunk]
+                for slot, j in enumerate(part):
+                    stage[slot].copy_(self.file.tensor(self.members[j].key).view(k, a * b))
+                mixed = torch.bmm(coefs[part].cpu().unsqueeze(1), stage[: len(part)]).squeeze(1)
+                for row, j in zip(mixed, part, strict=True):
+                    results[j] = row
+            done += len(group)
+            if progress is not None:
+                progress(done, len(self.members))
+        return results

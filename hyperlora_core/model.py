@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .basis import BasisBank, Progress
+from .basis import BasisBank, FlatRows, Progress
 from .checkpoint import KINDS, Checkpoint, open_checkpoint
 from .errors import ConditionError
 from .identity import Identity
@@ -44,6 +44,7 @@ class HyperLoRA:
         self._base_resampler: Resampler | None = None
         self._id_projector: IdProjector | None = None
         self._banks: dict[str, BasisBank] = {}
+        self._flat: FlatRows | None = None
 
     # -- facts -------------------------------------------------------------------------------------------
     @property
@@ -88,17 +89,21 @@ class HyperLoRA:
         return self._id_projector
 
     def bank(self, kind: str) -> BasisBank:
+        """The bases of ``kind``; both kinds share one flat view of the file (moved once to the device)."""
         if kind not in self._banks:
-            bank = BasisBank(self.checkpoint.files["basis"], len(self.checkpoint.modules), kind)
-            if self.device.type != "cpu":
-                bank.to_device(self.device, self.dtype)
-            self._banks[kind] = bank
+            if self._flat is None:
+                self._flat = FlatRows(self.checkpoint.files["basis"])
+                if self._flat.ok and self.device.type != "cpu":
+                    self._flat.to(self.device)
+            self._banks[kind] = BasisBank(self.checkpoint.files["basis"], len(self.checkpoint.modules), kind,
+                                          self._flat)
         return self._banks[kind]
 
     def unload(self) -> None:
         """Drop built networks and device copies; the files stay mapped and everything rebuilds on demand."""
         self._resampler = self._base_resampler = self._id_projector = None
         self._banks.clear()
+        self._flat = None
 
     # -- the method ----------------------------------------------------------------------------------------
     def _conditions(self, clip_tokens: torch.Tensor | None, id_embeds: torch.Tensor | None,

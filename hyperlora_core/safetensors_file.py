@@ -145,6 +145,15 @@ class SafetensorsFile:
         self.size, self.tensors, self.metadata, self._raw_header = read_header(self.path, what)
         self._handle = None
 
+    @property
+    def data_start(self) -> int:
+        """Byte offset of the tensor data: the 8-byte length plus the header."""
+        return 8 + len(self._raw_header)
+
+    @staticmethod
+    def torch_dtype(tag: str) -> torch.dtype:
+        return DTYPES[tag][0]
+
     def keys(self) -> list[str]:
         return list(self.tensors)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import conditions
 
 from hyperlora_core import IdentityMismatchError, average, interpolate, load_hyperlora, lora_delta, lora_difference
 from hyperlora_core.lora_io import lora_prefixes
 from hyperlora_core.synthetic import TINY_UNET
+
+from conftest import conditions
 
 
 @pytest.fixture()

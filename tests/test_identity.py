@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import conditions
 
 from hyperlora_core import Identity, IdentityFormatError, IdentityMismatchError, load_hyperlora, save_lora
 from hyperlora_core.resampler import normalize_tokens
 from hyperlora_core.synthetic import TINY_UNET
 from hyperlora_core.topology import sdxl_modules
+
+from conftest import conditions
 
 RELEASED_TOKENS, RELEASED_K = 8 * 140, 128
 

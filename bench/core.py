@@ -119,8 +119,9 @@ def measure(folder: Path) -> None:
             times[name].append(time.perf_counter() - t0)
     t_mix, t_lora, t_read = (statistics.median(times[n]) for n in ("mix", "lora", "read"))
     t_loop = best_of(einsum_loop, repeat=1)
-    print(f"mix 560 pairs      {t_mix * 1000:8.1f} ms   (median of 7; first call, which faults the mapped pages in, from disk when the cache is cold: "
-          f"{t_mix_first * 1000:.1f} ms; with building the LoRA dict {t_lora * 1000:.1f} ms, "
+    print(f"mix 560 pairs      {t_mix * 1000:8.1f} ms   (median of 7; first call, which faults the mapped pages "
+          f"in, from disk when the cache is cold: {t_mix_first * 1000:.1f} ms; with building the LoRA dict "
+          f"{t_lora * 1000:.1f} ms, "
           f"ratio {t_lora / t_mix:.2f})")
     print(f"  vs per-module einsum loop {t_loop * 1000:8.1f} ms: {t_loop / t_mix:.1f}x faster (goal >= 3x)")
     print(f"  vs bare read of the basis {t_read * 1000:8.1f} ms: {t_mix / t_read:.2f}x the floor (goal <= 2x)")

@@ -1,0 +1,42 @@
+"""Host tier: the real ComfyUI (found through COMFYUI_PATH) loads this package through its V3 entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFYUI = os.environ.get("COMFYUI_PATH")
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI or not (Path(COMFYUI) / "nodes.py").is_file(),
+    reason="host tier: set COMFYUI_PATH to a ComfyUI v0.3.64 checkout to run it",
+)
+
+LOADER = textwrap.dedent("""
+    import asyncio, json, sys
+    sys.path.insert(0, sys.argv[1])
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import nodes
+    ok = asyncio.run(nodes.load_custom_node(sys.argv[2]))
+    print(json.dumps({"ok": ok, "web": nodes.EXTENSION_WEB_DIRS.get("ComfyUI-HyperLoRA")}))
+""")
+
+
+def test_comfyui_loads_the_package(tmp_path):
+    package = tmp_path / "custom_nodes" / "ComfyUI-HyperLoRA"
+    package.parent.mkdir()
+    package.symlink_to(ROOT, target_is_directory=True)
+    run = subprocess.run([sys.executable, "-c", LOADER, COMFYUI, str(package)], capture_output=True, text=True,
+                         cwd=COMFYUI, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = run.stdout.strip().splitlines()[-1]
+    assert '"ok": true' in result, run.stderr[-3000:]
+    assert f'"web": "{package / "web"}"' in result  # WEB_DIRECTORY served at /extensions/ComfyUI-HyperLoRA/
+    assert "Error while calling comfy_entrypoint" not in run.stderr

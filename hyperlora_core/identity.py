@@ -48,7 +48,7 @@ class Identity:
         return self.tokens.shape[1]
 
     def with_tokens(self, tokens: torch.Tensor, base_tokens: torch.Tensor | None = None) -> Identity:
-        return replace(self, tokens=tokens, base_tokens=base_tokens)
+        return replace(self, tokens=tokens, base_tokens=base_tokens, meta=dict(self.meta))
 
     def check_compatible(self, fingerprint: str, module_names: tuple[str, ...], what: str = "identity") -> None:
         """Refuse to pair tokens with a checkpoint that did not make them: the coefficients would be noise."""

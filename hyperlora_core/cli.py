@@ -1,4 +1,4 @@
-"""Command line: ``python -m hyperlora_core inspect <folder>``."""
+"""Command line: ``python -m hyperlora_core inspect|doctor|generate``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import HyperLoRAError
@@ -84,6 +85,43 @@ def _print_summary(info: dict[str, object]) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_table, run_doctor
+
+    checks = run_doctor(Path(args.models))
+    sys.stdout.write(format_table(checks) + "\n")
+    return 1 if any(c.status == "problem" for c in checks) else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .clip import OpenClipEncoder
+    from .face import FaceAnalyzer
+    from .images import load_image
+    from .lora_io import save_lora
+    from .model import load_hyperlora
+    from .pipeline import CropOptions, IdentityPipeline
+
+    try:
+        hl = load_hyperlora(args.checkpoint, device=args.device, dtype=args.dtype)
+        clip = OpenClipEncoder.from_folder(args.clip, device=args.device) if "clip" in hl.encoders else None
+        faces = FaceAnalyzer(args.insightface, providers=args.provider)
+        images = [load_image(p) for p in args.image]
+        pipeline = IdentityPipeline(hl, faces, clip)
+        options = CropOptions(remove_background=not args.keep_background, grayscale=args.grayscale,
+                              face_index=args.face_index)
+        identity, conditions = pipeline.identity(images, options, "skip" if args.skip_failed else "error")
+        lora = hl.identity_to_lora(identity, key_format="kohya")
+    except (HyperLoRAError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    save_lora(lora, args.out, metadata={"hyperlora_fingerprint": hl.fingerprint})
+    if args.identity:
+        identity.save(args.identity)
+    report = "\n".join(conditions.reports)
+    sys.stdout.write(f"{report}\nface analysis on {faces.provider}; wrote {args.out} ({len(lora) // 3} layers)\n")
+    return 0
+
+
 def _unet_spec(text: str) -> UNetSpec:
     try:
         w1, w2, ctx = (int(v) for v in text.split(","))
@@ -101,8 +139,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
     ins.add_argument("--unet", type=_unet_spec, default=SDXL, metavar="W1,W2,CTX",
                      help="check against a UNet with these attention widths and context width (default SDXL)")
+    doc = sub.add_parser("doctor", help="check every file and package the nodes need, with fixes")
+    doc.add_argument("--models", required=True, help="ComfyUI's models folder")
+    gen = sub.add_parser("generate", help="photos -> identity LoRA (kohya keys, loads in ComfyUI's LoraLoader)")
+    gen.add_argument("--checkpoint", required=True, help="HyperLoRA checkpoint folder")
+    gen.add_argument("--clip", help="CLIP ViT-L/14 folder (config.json + model.safetensors) or .safetensors")
+    gen.add_argument("--insightface", required=True, help="antelopev2 folder")
+    gen.add_argument("--image", required=True, nargs="+", help="one or more photos of the same person")
+    gen.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    gen.add_argument("--identity", help="also write the identity (.safetensors)")
+    gen.add_argument("--keep-background", action="store_true", help="do not grey out the background")
+    gen.add_argument("--grayscale", action="store_true", help="feed CLIP a grey face crop")
+    gen.add_argument("--face-index", type=int, default=None, help="k-th face from the left (default: largest)")
+    gen.add_argument("--skip-failed", action="store_true", help="leave out photos without a usable face")
+    gen.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="onnxruntime provider")
+    gen.add_argument("--device", default=None, help="torch device (default cpu)")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "doctor":
+        return _doctor(args)
+    if args.command == "generate":
+        return _generate(args)
     try:
         checkpoint = open_checkpoint(args.folder, unet=args.unet, dim_head=args.dim_head)
     except HyperLoRAError as exc:

@@ -1,0 +1,209 @@
+"""``python -m hyperlora_core doctor --models <ComfyUI models dir>``: every file the nodes need, checked.
+
+Each check reports ok / warn / problem, what it found, and the exact fix. It answers the commonest user
+reports: files in the wrong folder, a nested antelopev2 folder, git-LFS pointers instead of weights, truncated
+downloads, and onnxruntime packages fighting over one folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import MODULES_JSON, open_checkpoint
+from .errors import HyperLoRAError
+from .safetensors_file import SafetensorsFile
+from .topology import SDXL, UNetSpec
+
+ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
+MIN_ONNX_BYTES = 1024  # smaller than this is an empty file, an error page or a pointer
+STATUSES = ("ok", "warn", "problem")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's table."""
+
+    name: str  # what was checked
+    status: str  # "ok", "warn" or "problem"
+    detail: str  # what was found
+    fix: str = ""  # the exact fix, empty when nothing is to be done
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+def checkpoint_folders(models: Path) -> list[Path]:
+    """Checkpoint folders under hyper_lora/ (and the official nodes' hyper_lora/hyper_lora/)."""
+    found = []
+    for parent in (models / "hyper_lora", models / "hyper_lora" / "hyper_lora"):
+        if parent.is_dir():
+            found += sorted(p for p in parent.iterdir() if p.is_dir() and p.name not in ("hyper_lora", "clip_vit",
+                                                                                         "clip_processor"))
+    return found
+
+
+def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
+    folders = [f for f in checkpoint_folders(models) if any(f.rglob(MODULES_JSON)) or any(f.glob("*.safetensors"))]
+    if not folders:
+        return [Check("HyperLoRA checkpoint", "problem", f"no checkpoint folder in {models / 'hyper_lora'}",
+                      f"put the released folder, e.g. sdxl_hyper_id_lora_v1_fidelity/ with {MODULES_JSON} and the "
+                      f"three .safetensors files, into {models / 'hyper_lora'}/")]
+    checks = []
+    for folder in folders:
+        name = f"checkpoint {folder.name}"
+        try:
+            ckpt = open_checkpoint(folder, unet=unet)
+        except HyperLoRAError as exc:
+            checks.append(Check(name, "problem", str(exc), _fix_for(exc)))
+            continue
+        detail = (f"{len(ckpt.modules)} modules, K={ckpt.basis.k}, rank {ckpt.basis.id_rank}, "
+                  f"encoders {'+'.join(ckpt.encoders)}")
+        if ckpt.folder != folder:
+            checks.append(Check(name, "warn", f"nested folder {ckpt.folder.relative_to(models)} (it works)",
+                                f"move the files of {ckpt.folder} up into {folder}"))
+        else:
+            checks.append(Check(name, "ok", detail))
+    return checks
+
+
+def _fix_for(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Fetch the real file", "Download", "download", "Put the file", "use the released", "re-download"):
+        at = text.find(marker)
+        if at >= 0:
+            return text[at:]
+    return "re-download the whole checkpoint folder"
+
+
+def check_clip(models: Path) -> list[Check]:
+    candidates = []
+    for parent in (models / "hyper_lora" / "clip_vit", models / "clip_vision"):
+        if parent.is_dir():
+            candidates += sorted(p for p in parent.iterdir() if p.is_dir() or p.suffix == ".safetensors")
+    if not candidates:
+        return [Check("CLIP ViT-L/14", "problem", "no CLIP vision model found",
+                      f"put openai/clip-vit-large-patch14 (config.json + model.safetensors) into "
+                      f"{models / 'hyper_lora' / 'clip_vit' / 'clip_vit_large_14'}/, or its .safetensors into "
+                      f"{models / 'clip_vision'}/")]
+    return [_check_clip_candidate(path) for path in candidates]
+
+
+def _check_clip_candidate(path: Path) -> Check:
+    name = f"CLIP {path.name}"
+    weights = path / "model.safetensors" if path.is_dir() else path
+    try:
+        file = SafetensorsFile(weights, "CLIP vision model")
+    except HyperLoRAError as exc:
+        return Check(name, "problem", str(exc), _fix_for(exc))
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            return Check(name, "problem", f"{config} is missing", "copy config.json from the same model repository")
+        try:
+            cfg = json.loads(config.read_text())
+        except json.JSONDecodeError as exc:
+            return Check(name, "problem", f"{config} is not JSON ({exc})", "download config.json again")
+        width = cfg.get("vision_config", cfg).get("hidden_size")
+        if width not in (None, 1024):
+            return Check(name, "problem", f"vision width {width}, not ViT-L/14's 1024",
+                         "HyperLoRA needs openai/clip-vit-large-patch14")
+    has_vision = any(k.startswith(("vision_model.", "visual.")) for k in file.keys())
+    if not has_vision:
+        return Check(name, "problem", f"{weights.name} has no vision tower keys", "use a CLIP vision model file")
+    return Check(name, "ok", f"{weights.name}: {file.size / 2**20:.0f} MiB, {len(file.tensors)} tensors")
+
+
+def check_insightface(models: Path) -> list[Check]:
+    base = models / "insightface" / "models" / "antelopev2"
+    folder, checks = base, []
+    if (base / "antelopev2").is_dir() and not (base / ANTELOPE_FILES[0]).exists():
+        folder = base / "antelopev2"
+        checks.append(Check("antelopev2 folder", "warn", f"nested folder {folder.relative_to(models)} (it works)",
+                            f"move the .onnx files up into {base}/ and remove the inner folder"))
+    if not folder.is_dir():
+        return [Check("antelopev2", "problem", f"{base} does not exist",
+                      f"download antelopev2 ({', '.join(ANTELOPE_FILES)}) and put the files in {base}/")]
+    for name in ANTELOPE_FILES:
+        checks.append(_check_onnx(folder / name))
+    return checks
+
+
+def _check_onnx(path: Path) -> Check:
+    name = f"antelopev2/{path.name}"
+    if not path.is_file():
+        return Check(name, "problem", "missing", f"put {path.name} from antelopev2 into {path.parent}/")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        return Check(name, "problem", "a git-LFS pointer, not the model", f"download the real {path.name} again")
+    if path.stat().st_size < MIN_ONNX_BYTES:
+        return Check(name, "problem", f"only {path.stat().st_size} bytes: truncated or empty",
+                     f"download {path.name} again")
+    return Check(name, "ok", f"{path.stat().st_size / 2**20:.1f} MiB")
+
+
+def check_packages(version: Callable[[str], str] = metadata.version,
+                   providers: Callable[[], list[str]] | None = None) -> list[Check]:
+    checks = []
+    for dist, why in (("insightface", "face analysis"), ("open_clip_torch", "CLIP encoder (standalone)"),
+                      ("torchvision", "open_clip")):
+        try:
+            checks.append(Check(f"package {dist}", "ok", version(dist)))
+        except metadata.PackageNotFoundError:
+            checks.append(Check(f"package {dist}", "problem", f"not installed (needed for {why})",
+                                f"pip install {dist}"))
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if not installed:
+        checks.append(Check("onnxruntime", "problem", "not installed",
+                            "pip install onnxruntime-gpu (NVIDIA GPU) or pip install onnxruntime"))
+    elif len(installed) == 2:
+        checks.append(Check("onnxruntime", "warn", f"both installed ({', '.join(installed)}); they share one folder "
+                            "and the last one installed wins",
+                            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+                            "(or onnxruntime without an NVIDIA GPU)"))
+    else:
+        checks.append(Check("onnxruntime", "ok", installed[0]))
+    listed = providers() if providers is not None else _providers()
+    if listed is not None:
+        checks.append(Check("onnxruntime providers", "ok" if listed else "problem", ", ".join(listed) or "none",
+                            "" if listed else "reinstall onnxruntime"))
+    return checks
+
+
+def _providers() -> list[str] | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return list(onnxruntime.get_available_providers())
+
+
+def run_doctor(models: Path, packages: bool = True, unet: UNetSpec = SDXL) -> list[Check]:
+    models = Path(models).expanduser()
+    if not models.is_dir():
+        return [Check("models folder", "problem", f"{models} does not exist",
+                      "pass ComfyUI's models folder, e.g. --models ComfyUI/models")]
+    checks = check_checkpoints(models, unet) + check_clip(models) + check_insightface(models)
+    return checks + (check_packages() if packages else [])
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'check'.ljust(width)}  status   detail / fix", "-" * (width + 40)]
+    for c in checks:
+        lines.append(f"{c.name.ljust(width)}  {c.status:<7}  {c.detail}")
+        if c.fix:
+            lines.append(f"{''.ljust(width)}  {'':<7}  fix: {c.fix}")
+    problems = sum(c.status == "problem" for c in checks)
+    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s)")
+    return "\n".join(lines)

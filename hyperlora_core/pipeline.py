@@ -1,0 +1,143 @@
+"""Photos -> face conditions -> identity -> LoRA: the whole zero-shot path in one object.
+
+Face analysis is cached by image content, so re-running a graph with only the seed changed, or adding one
+photo to a set, analyses only what is new. Each image gets a result and a reason; a failure names the image
+index and what to do, or (``on_failure="skip"``) is listed in the output and left out of the average.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConditionError
+from .identity import Identity
+from .model import HyperLoRA
+
+log = logging.getLogger(__name__)
+
+ON_FAILURE = ("error", "skip")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CropOptions:
+    """How a detected face becomes the encoders' input."""
+
+    remove_background: bool = True  # replace everything outside the face outline by grey #7f7f7f
+    grayscale: bool = False  # feed CLIP a grey crop (kept 3-channel)
+    face_index: int | None = None  # None: the largest face; k: the k-th face from the left
+
+    def __post_init__(self) -> None:
+        if self.face_index is not None and self.face_index < 0:
+            raise ValueError(f"face_index must be >= 0 (0 is the leftmost face) or None for the largest; "
+                             f"got {self.face_index}")
+
+
+@dataclass
+class Conditions:
+    """What the encoders made of a batch of reference photos."""
+
+    clip_tokens: torch.Tensor | None  # [b, 257, 1024] penultimate CLIP tokens of the used images
+    id_embeds: torch.Tensor | None  # [b, 512] normed ArcFace embeddings of the used images
+    used: list[int]  # indices of the images that contributed
+    skipped: dict[int, str] = field(default_factory=dict)  # image index -> reason it was left out
+    previews: list[np.ndarray] = field(default_factory=list)  # CLIP crops of the used images, uint8 RGB
+    reports: list[str] = field(default_factory=list)  # one line per input image
+
+
+class IdentityPipeline:
+    """Glue between the face analyzer, the CLIP encoder and a loaded HyperLoRA."""
+
+    def __init__(self, hyperlora: HyperLoRA, faces: object, clip: object | None = None, *, cache_size: int = 64,
+                 ) -> None:
+        if "clip" in hyperlora.encoders and clip is None:
+            raise ValueError("this checkpoint reads CLIP tokens: give the pipeline a CLIP ViT-L/14 encoder")
+        self.hyperlora = hyperlora
+        self.faces = faces  # hyperlora_core.face.FaceAnalyzer (or anything with its analyze())
+        self.clip = clip  # hyperlora_core.clip.ClipEncoder
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cache_size = cache_size
+        self.analysed = 0  # face analyses actually run (not served from the cache)
+
+    def analyze(self, image: np.ndarray, index: int, options: CropOptions):
+        """Face analysis of one RGB uint8 image, cached by content and selection."""
+        key = (_digest(image), options.face_index)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return _reindexed(self._cache[key], index)
+        result = self.faces.analyze(image, index=index, face_index=options.face_index)
+        self.analysed += 1
+        self._cache[key] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result
+
+    def conditions(self, images: Sequence[object], options: CropOptions = CropOptions(), on_failure: str = "error",
+                   progress: Progress | None = None) -> Conditions:
+        from .crops import clip_crop
+        from .images import to_rgb8
+
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        if len(images) == 0:
+            raise ConditionError("no reference image given: connect at least one photo of the person")
+        crops, embeds, used, skipped, reports = [], [], [], {}, []
+        for i, raw in enumerate(images):
+            image = to_rgb8(raw, index=i)
+            result = self.analyze(image, i, options)
+            reports.append(f"image {i}: {result.reason}")
+            if not result.ok:
+                if on_failure == "error":
+                    result.raise_for_failure()
+                skipped[i] = result.reason
+                continue
+            crops.append(clip_crop(image, result.face.landmark_106, remove_background=options.remove_background,
+                                   grayscale=options.grayscale))
+            embeds.append(torch.from_numpy(np.asarray(result.face.embedding, dtype=np.float32)))
+            used.append(i)
+            if progress is not None:
+                progress(i + 1, len(images))
+        if not used:
+            raise ConditionError(f"no face found in any of the {len(images)} images ("
+                                 + "; ".join(f"image {i}: {r}" for i, r in skipped.items())
+                                 + "). Use photos where one face is clearly visible.")
+        clip_tokens = self._encode_clip(crops) if "clip" in self.hyperlora.encoders else None
+        id_embeds = torch.stack(embeds) if "arcface" in self.hyperlora.encoders else None
+        return Conditions(clip_tokens=clip_tokens, id_embeds=id_embeds, used=used, skipped=skipped, previews=crops,
+                          reports=reports)
+
+    def _encode_clip(self, crops: list[np.ndarray]) -> torch.Tensor:
+        from .clip import preprocess
+
+        return self.clip.encode(preprocess(crops)).float()
+
+    def identity(self, images: Sequence[object], options: CropOptions = CropOptions(), on_failure: str = "error",
+                 progress: Progress | None = None) -> tuple[Identity, Conditions]:
+        """The averaged identity of the person in ``images``, and the conditions it came from."""
+        conditions = self.conditions(images, options, on_failure, progress)
+        identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
+                                                   id_embeds=conditions.id_embeds)
+        identity.meta.update({"images_used": ",".join(map(str, conditions.used)),
+                              "images_skipped": ",".join(map(str, conditions.skipped))})
+        return identity, conditions
+
+
+def _digest(image: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((image.shape, image.dtype.str)).encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+def _reindexed(result, index: int):
+    """A cached result reported under the index the image has in this batch."""
+    from dataclasses import replace
+
+    return result if result.index == index else replace(result, index=index)

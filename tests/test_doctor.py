@@ -1,0 +1,148 @@
+"""The doctor: one test per problem kind, each checking the status and the fix it prints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hyperlora_core.cli import main
+from hyperlora_core.doctor import ANTELOPE_FILES, check_packages, run_doctor
+from hyperlora_core.synthetic import TINY_UNET
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"
+
+
+@pytest.fixture()
+def models(tmp_path, tiny_factory):
+    """A complete models folder: tiny checkpoint, tiny CLIP folder, antelopev2 files of plausible size."""
+    root = tmp_path / "models"
+    shutil.copytree(tiny_factory(), root / "hyper_lora" / "sdxl_tiny")
+    clip = root / "hyper_lora" / "clip_vit" / "clip_vit_large_14"
+    clip.mkdir(parents=True)
+    (clip / "config.json").write_text(json.dumps({"hidden_size": 1024}))
+    save_file({"vision_model.post_layernorm.weight": torch.ones(4)}, str(clip / "model.safetensors"))
+    ante = root / "insightface" / "models" / "antelopev2"
+    ante.mkdir(parents=True)
+    for name in ANTELOPE_FILES:
+        (ante / name).write_bytes(b"\x08\x07" + b"\0" * 4096)
+    return root
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def run(models):
+    return by_name(run_doctor(models, packages=False, unet=TINY_UNET))
+
+
+def test_healthy_folder(models):
+    checks = run(models)
+    assert {c.status for c in checks.values()} == {"ok"}, [c for c in checks.values() if c.status != "ok"]
+    assert "140 modules" in checks["checkpoint sdxl_tiny"].detail
+
+
+def test_missing_models_folder(tmp_path):
+    (check,) = run_doctor(tmp_path / "nope", packages=False)
+    assert check.status == "problem" and "--models" in check.fix
+
+
+def test_no_checkpoint(models):
+    shutil.rmtree(models / "hyper_lora" / "sdxl_tiny")
+    check = run(models)["HyperLoRA checkpoint"]
+    assert check.status == "problem" and "sdxl_hyper_id_lora_v1_fidelity" in check.fix
+
+
+def test_checkpoint_lfs_pointer(models):
+    (models / "hyper_lora" / "sdxl_tiny" / "hyper_lora_modules.safetensors").write_text(LFS)
+    check = run(models)["checkpoint sdxl_tiny"]
+    assert check.status == "problem" and "git-LFS pointer" in check.detail and "git lfs pull" in check.fix
+
+
+def test_checkpoint_truncated(models):
+    path = models / "hyper_lora" / "sdxl_tiny" / "resampler.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    check = run(models)["checkpoint sdxl_tiny"]
+    assert check.status == "problem" and "truncated" in check.detail and "download it again" in check.fix
+
+
+def test_checkpoint_for_another_model(models):
+    check = by_name(run_doctor(models, packages=False))["checkpoint sdxl_tiny"]  # default: SDXL widths
+    assert check.status == "problem" and "different model than SDXL" in check.detail
+
+
+def test_nested_checkpoint(models):
+    folder = models / "hyper_lora" / "sdxl_tiny"
+    shutil.move(str(folder), str(models / "tmp"))
+    folder.mkdir()
+    shutil.move(str(models / "tmp"), str(folder / "sdxl_tiny"))
+    check = run(models)["checkpoint sdxl_tiny"]
+    assert check.status == "warn" and "nested" in check.detail and "move the files" in check.fix
+
+
+def test_no_clip(models):
+    shutil.rmtree(models / "hyper_lora" / "clip_vit")
+    check = run(models)["CLIP ViT-L/14"]
+    assert check.status == "problem" and "clip-vit-large-patch14" in check.fix
+
+
+def test_clip_config_missing_and_lfs(models):
+    clip = models / "hyper_lora" / "clip_vit" / "clip_vit_large_14"
+    (clip / "config.json").unlink()
+    assert "config.json" in run(models)["CLIP clip_vit_large_14"].detail
+    (clip / "model.safetensors").write_text(LFS)
+    check = run(models)["CLIP clip_vit_large_14"]
+    assert check.status == "problem" and "git-LFS" in check.detail
+
+
+def test_antelopev2_missing(models):
+    shutil.rmtree(models / "insightface")
+    check = run(models)["antelopev2"]
+    assert check.status == "problem" and all(name in check.fix for name in ANTELOPE_FILES)
+
+
+def test_antelopev2_nested_is_a_warning(models):
+    base = models / "insightface" / "models" / "antelopev2"
+    (base / "antelopev2").mkdir()
+    for name in ANTELOPE_FILES:
+        shutil.move(str(base / name), str(base / "antelopev2" / name))
+    checks = run(models)
+    assert checks["antelopev2 folder"].status == "warn"
+    assert checks["antelopev2/glintr100.onnx"].status == "ok"
+
+
+@pytest.mark.parametrize("content,fragment", [(None, "missing"), (LFS, "git-LFS"), ("x" * 10, "only 10 bytes")])
+def test_antelopev2_bad_file(models, content, fragment):
+    path = models / "insightface" / "models" / "antelopev2" / "glintr100.onnx"
+    path.unlink()
+    if content is not None:
+        path.write_text(content)
+    check = run(models)["antelopev2/glintr100.onnx"]
+    assert check.status == "problem" and fragment in check.detail and "glintr100.onnx" in check.fix
+
+
+def test_packages_both_onnxruntimes_and_missing_insightface():
+    from importlib.metadata import PackageNotFoundError
+
+    def version(dist):
+        if dist == "insightface":
+            raise PackageNotFoundError(dist)
+        return "1.31.1"
+
+    checks = by_name(check_packages(version=version, providers=lambda: ["CPUExecutionProvider"]))
+    assert checks["package insightface"].status == "problem" and checks["package insightface"].fix == \
+        "pip install insightface"
+    assert checks["onnxruntime"].status == "warn" and "pip uninstall -y onnxruntime onnxruntime-gpu" in \
+        checks["onnxruntime"].fix
+    assert checks["onnxruntime providers"].detail == "CPUExecutionProvider"
+
+
+def test_cli_prints_table_and_fails_on_problems(models, capsys):
+    shutil.rmtree(models / "insightface")
+    assert main(["doctor", "--models", str(models)]) == 1
+    out = capsys.readouterr().out
+    assert "antelopev2" in out and "fix: download antelopev2" in out and "problem(s)" in out

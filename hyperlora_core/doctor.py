@@ -8,17 +8,16 @@ downloads, and onnxruntime packages fighting over one folder.
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import MODULES_JSON, open_checkpoint
 from .errors import HyperLoRAError
-from .safetensors_file import SafetensorsFile
 from .topology import SDXL, UNetSpec
 
 ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
+CLIP_WIDTH = 1024  # ViT-L/14 token width, what the released resampler reads
 MIN_ONNX_BYTES = 1024  # smaller than this is an empty file, an error page or a pointer
 STATUSES = ("ok", "warn", "problem")
 
@@ -80,7 +79,7 @@ def _fix_for(exc: Exception) -> str:
     return "re-download the whole checkpoint folder"
 
 
-def check_clip(models: Path) -> list[Check]:
+def check_clip(models: Path, width: int = CLIP_WIDTH) -> list[Check]:
     candidates = []
     for parent in (models / "hyper_lora" / "clip_vit", models / "clip_vision"):
         if parent.is_dir():
@@ -90,32 +89,23 @@ def check_clip(models: Path) -> list[Check]:
                       f"put openai/clip-vit-large-patch14 (config.json + model.safetensors) into "
                       f"{models / 'hyper_lora' / 'clip_vit' / 'clip_vit_large_14'}/, or its .safetensors into "
                       f"{models / 'clip_vision'}/")]
-    return [_check_clip_candidate(path) for path in candidates]
+    return [_check_clip_candidate(path, width) for path in candidates]
 
 
-def _check_clip_candidate(path: Path) -> Check:
+def _check_clip_candidate(path: Path, width: int) -> Check:
+    from .clip import inspect_clip
+
     name = f"CLIP {path.name}"
-    weights = path / "model.safetensors" if path.is_dir() else path
     try:
-        file = SafetensorsFile(weights, "CLIP vision model")
+        config, file, kind, _ = inspect_clip(path)
     except HyperLoRAError as exc:
         return Check(name, "problem", str(exc), _fix_for(exc))
-    if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            return Check(name, "problem", f"{config} is missing", "copy config.json from the same model repository")
-        try:
-            cfg = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            return Check(name, "problem", f"{config} is not JSON ({exc})", "download config.json again")
-        width = cfg.get("vision_config", cfg).get("hidden_size")
-        if width not in (None, 1024):
-            return Check(name, "problem", f"vision width {width}, not ViT-L/14's 1024",
-                         "HyperLoRA needs openai/clip-vit-large-patch14")
-    has_vision = any(k.startswith(("vision_model.", "visual.")) for k in file.keys())
-    if not has_vision:
-        return Check(name, "problem", f"{weights.name} has no vision tower keys", "use a CLIP vision model file")
-    return Check(name, "ok", f"{weights.name}: {file.size / 2**20:.0f} MiB, {len(file.tensors)} tensors")
+    detail = (f"{file.path.name}: {file.size / 2**20:.0f} MiB, {kind} layout, width {config.width}, "
+              f"{config.layers} blocks, {config.num_tokens} tokens")
+    if config.width != width:
+        return Check(name, "problem", detail + f"; HyperLoRA reads {width}-wide CLIP tokens",
+                     "use openai/clip-vit-large-patch14 (ViT-L/14)")
+    return Check(name, "ok", detail)
 
 
 def check_insightface(models: Path) -> list[Check]:
@@ -188,12 +178,13 @@ def _providers() -> list[str] | None:
     return list(onnxruntime.get_available_providers())
 
 
-def run_doctor(models: Path, packages: bool = True, unet: UNetSpec = SDXL) -> list[Check]:
+def run_doctor(models: Path, packages: bool = True, unet: UNetSpec = SDXL, clip_width: int = CLIP_WIDTH,
+               ) -> list[Check]:
     models = Path(models).expanduser()
     if not models.is_dir():
         return [Check("models folder", "problem", f"{models} does not exist",
                       "pass ComfyUI's models folder, e.g. --models ComfyUI/models")]
-    checks = check_checkpoints(models, unet) + check_clip(models) + check_insightface(models)
+    checks = check_checkpoints(models, unet) + check_clip(models, clip_width) + check_insightface(models)
     return checks + (check_packages() if packages else [])
 
 

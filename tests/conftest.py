@@ -46,3 +46,19 @@ def conditions(batch: int, seed: int = 0, clip_dim: int = 1024, embed_dim: int =
     clip = torch.randn(batch, 257, clip_dim, generator=g)
     arc = torch.nn.functional.normalize(torch.randn(batch, embed_dim, generator=g), dim=-1)
     return clip, arc
+
+
+TINY_CLIP_WIDTH = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A random CLIP vision tower in the HF format (config.json + model.safetensors), written by transformers."""
+    transformers = pytest.importorskip("transformers", reason="transformers writes the HF-format CLIP double")
+    config = transformers.CLIPVisionConfig(hidden_size=TINY_CLIP_WIDTH, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=224, patch_size=14,
+                                           hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip") / "clip_vit_large_14"
+    transformers.CLIPVisionModel(config).save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from hyperlora_core.cli import main
 from hyperlora_core.doctor import ANTELOPE_FILES, check_packages, run_doctor
 from hyperlora_core.synthetic import TINY_UNET
 
+from conftest import TINY_CLIP_WIDTH
+
 LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"
 
 
 @pytest.fixture()
-def models(tmp_path, tiny_factory):
+def models(tmp_path, tiny_factory, tiny_clip_folder):
     """A complete models folder: tiny checkpoint, tiny CLIP folder, antelopev2 files of plausible size."""
     root = tmp_path / "models"
     shutil.copytree(tiny_factory(), root / "hyper_lora" / "sdxl_tiny")
-    clip = root / "hyper_lora" / "clip_vit" / "clip_vit_large_14"
-    clip.mkdir(parents=True)
-    (clip / "config.json").write_text(json.dumps({"hidden_size": 1024}))
-    save_file({"vision_model.post_layernorm.weight": torch.ones(4)}, str(clip / "model.safetensors"))
+    shutil.copytree(tiny_clip_folder, root / "hyper_lora" / "clip_vit" / "clip_vit_large_14")
     ante = root / "insightface" / "models" / "antelopev2"
     ante.mkdir(parents=True)
     for name in ANTELOPE_FILES:
@@ -37,7 +33,7 @@ def by_name(checks):
 
 
 def run(models):
-    return by_name(run_doctor(models, packages=False, unet=TINY_UNET))
+    return by_name(run_doctor(models, packages=False, unet=TINY_UNET, clip_width=TINY_CLIP_WIDTH))
 
 
 def test_healthy_folder(models):
@@ -90,10 +86,13 @@ def test_no_clip(models):
     assert check.status == "problem" and "clip-vit-large-patch14" in check.fix
 
 
-def test_clip_config_missing_and_lfs(models):
+def test_clip_wrong_width(models):
+    check = by_name(run_doctor(models, packages=False, unet=TINY_UNET))["CLIP clip_vit_large_14"]
+    assert check.status == "problem" and "reads 1024-wide" in check.detail and "ViT-L/14" in check.fix
+
+
+def test_clip_lfs(models):
     clip = models / "hyper_lora" / "clip_vit" / "clip_vit_large_14"
-    (clip / "config.json").unlink()
-    assert "config.json" in run(models)["CLIP clip_vit_large_14"].detail
     (clip / "model.safetensors").write_text(LFS)
     check = run(models)["CLIP clip_vit_large_14"]
     assert check.status == "problem" and "git-LFS" in check.detail

@@ -57,3 +57,39 @@ class IdentityFormatError(HyperLoRAError, ValueError):
 
 class ConditionError(HyperLoRAError, ValueError):
     """Face conditions given to a prediction have the wrong shape or are missing."""
+
+
+class ClipModelMissing(CheckpointFileMissing):
+    """The CLIP vision folder or its model.safetensors is absent."""
+
+
+class ClipConfigError(CheckpointFormatError):
+    """The CLIP vision files exist but are not a usable CLIP ViT image tower (bad config, unknown layout)."""
+
+
+class ClipInputError(HyperLoRAError, ValueError):
+    """Images or pixels given to the CLIP encoder have the wrong type or shape."""
+
+
+class ClipDependencyError(HyperLoRAError, ImportError):
+    """open_clip_torch, which the CLIP encoder needs, is not installed."""
+
+
+class ImageFormatError(HyperLoRAError, ValueError):
+    """An input image has a layout, type or value range that cannot be read as a photo."""
+
+
+class ImageFileMissing(HyperLoRAError, FileNotFoundError):
+    """An image path does not exist."""
+
+
+class FaceModelMissing(HyperLoRAError, FileNotFoundError):
+    """The insightface antelopev2 folder, or a model file it must contain, is absent."""
+
+
+class FaceModelError(HyperLoRAError, ValueError):
+    """A face model file exists but is not a usable model (LFS pointer, truncated, or the wrong model)."""
+
+
+class FaceNotFoundError(HyperLoRAError, ValueError):
+    """No usable face was found in an input image."""

@@ -102,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline import CropOptions, IdentityPipeline
 
     try:
-        hl = load_hyperlora(args.checkpoint, device=args.device, dtype=args.dtype)
+        hl = load_hyperlora(args.checkpoint, device=args.device, dtype=args.dtype, unet=args.unet)
         clip = OpenClipEncoder.from_folder(args.clip, device=args.device) if "clip" in hl.encoders else None
         faces = FaceAnalyzer(args.insightface, providers=args.provider)
         images = [load_image(p) for p in args.image]
@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="onnxruntime provider")
     gen.add_argument("--device", default=None, help="torch device (default cpu)")
     gen.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    gen.add_argument("--unet", type=_unet_spec, default=SDXL, metavar="W1,W2,CTX", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "doctor":

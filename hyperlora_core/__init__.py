@@ -12,7 +12,11 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import (
     CheckpointFileMissing,
     CheckpointFormatError,
+    ClipModelMissing,
     ConditionError,
+    FaceModelError,
+    FaceModelMissing,
+    FaceNotFoundError,
     HyperLoRAError,
     IdentityFormatError,
     IdentityMismatchError,
@@ -30,9 +34,9 @@ from .model import HyperLoRA, load_hyperlora
 from .topology import SDXL, UNetSpec
 
 __all__ = [
-    "SDXL", "Checkpoint", "CheckpointFileMissing", "CheckpointFormatError", "ConditionError", "HyperLoRA",
-    "HyperLoRAError", "Identity", "IdentityFormatError", "IdentityMismatchError", "LFSPointerError",
-    "MissingKeyError", "ModuleMismatchError", "NotSafetensorsError", "ShapeMismatchError", "TruncatedFileError",
-    "UNetSpec", "UnexpectedKeyError", "average", "interpolate", "load_hyperlora", "lora_delta", "lora_difference",
-    "open_checkpoint", "save_lora",
+    "Checkpoint", "CheckpointFileMissing", "CheckpointFormatError", "ClipModelMissing", "ConditionError",
+    "FaceModelError", "FaceModelMissing", "FaceNotFoundError", "HyperLoRA", "HyperLoRAError", "Identity",
+    "IdentityFormatError", "IdentityMismatchError", "LFSPointerError", "MissingKeyError", "ModuleMismatchError",
+    "NotSafetensorsError", "SDXL", "ShapeMismatchError", "TruncatedFileError", "UNetSpec", "UnexpectedKeyError",
+    "average", "interpolate", "load_hyperlora", "lora_delta", "lora_difference", "open_checkpoint", "save_lora",
 ]

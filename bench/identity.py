@@ -48,8 +48,9 @@ def write_clip(folder: Path) -> Path:
 
 def photos(folder: Path, n: int) -> list[Path]:
     import numpy as np
-    from face_doubles import centred_box, paint_face
     from PIL import Image
+
+    from face_doubles import centred_box, paint_face
 
     paths = []
     for i in range(n):
@@ -63,11 +64,11 @@ def photos(folder: Path, n: int) -> list[Path]:
 
 
 def run(ckpt: Path, work: Path) -> None:
-    from face_doubles import write_antelopev2
-
     from hyperlora_core import load_hyperlora
     from hyperlora_core.clip import OpenClipEncoder
     from hyperlora_core.face import FaceAnalyzer
+
+    from face_doubles import write_antelopev2
 
     hl = load_hyperlora(ckpt)
     clip = OpenClipEncoder.from_folder(write_clip(work), device="cpu", dtype="fp32")

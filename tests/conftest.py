@@ -13,6 +13,8 @@ import torch  # noqa: E402
 from hyperlora_core import load_hyperlora  # noqa: E402
 from hyperlora_core.synthetic import TINY_UNET, write_checkpoint  # noqa: E402
 
+from helpers import TINY_CLIP_WIDTH  # noqa: E402
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
@@ -38,17 +40,6 @@ def tiny_ckpt(tiny_factory):
 @pytest.fixture()
 def tiny_hl(tiny_ckpt):
     return load_hyperlora(tiny_ckpt, unet=TINY_UNET)
-
-
-def conditions(batch: int, seed: int = 0, clip_dim: int = 1024, embed_dim: int = 512):
-    """Random face conditions: CLIP tokens [b, 257, clip_dim] and unit-norm ArcFace embeddings [b, embed_dim]."""
-    g = torch.Generator().manual_seed(seed)
-    clip = torch.randn(batch, 257, clip_dim, generator=g)
-    arc = torch.nn.functional.normalize(torch.randn(batch, embed_dim, generator=g), dim=-1)
-    return clip, arc
-
-
-TINY_CLIP_WIDTH = 32
 
 
 @pytest.fixture(scope="session")

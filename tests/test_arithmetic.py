@@ -9,7 +9,7 @@ from hyperlora_core import IdentityMismatchError, average, interpolate, load_hyp
 from hyperlora_core.lora_io import lora_prefixes
 from hyperlora_core.synthetic import TINY_UNET
 
-from conftest import conditions
+from helpers import conditions
 
 
 @pytest.fixture()

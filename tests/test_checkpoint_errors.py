@@ -152,7 +152,7 @@ def test_nested_folder_is_accepted(tiny_factory, tmp_path):
 
 
 def test_identity_refused_by_other_checkpoint(tiny_factory):
-    from conftest import conditions
+    from helpers import conditions
 
     a = load(tiny_factory(seed=0))
     b = load(tiny_factory(seed=1))

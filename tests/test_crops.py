@@ -7,8 +7,6 @@ import pytest
 
 pytest.importorskip("cv2")
 
-from face_doubles import ASTRONAUT_KPS, astronaut_landmarks  # noqa: E402
-
 from hyperlora_core.crops import (  # noqa: E402
     ARCFACE_TEMPLATE,
     GREY,
@@ -16,6 +14,8 @@ from hyperlora_core.crops import (  # noqa: E402
     clip_crop,
     similarity_transform,
 )
+
+from face_doubles import ASTRONAUT_KPS, astronaut_landmarks  # noqa: E402
 
 
 def coordinate_image(h: int, w: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from hyperlora_core.cli import main
 from hyperlora_core.doctor import ANTELOPE_FILES, check_packages, run_doctor
 from hyperlora_core.synthetic import TINY_UNET
 
-from conftest import TINY_CLIP_WIDTH
+from helpers import TINY_CLIP_WIDTH
 
 LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"
 

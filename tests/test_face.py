@@ -10,6 +10,10 @@ import pytest
 pytest.importorskip("insightface")
 onnxruntime = pytest.importorskip("onnxruntime")
 
+from hyperlora_core.errors import FaceModelError, FaceModelMissing, FaceNotFoundError  # noqa: E402
+from hyperlora_core.face import FaceAnalyzer, FaceResult, resolve_providers  # noqa: E402
+from hyperlora_core.images import to_rgb8  # noqa: E402
+
 from face_doubles import (  # noqa: E402
     ANTELOPE_FILES,
     centred_box,
@@ -18,10 +22,6 @@ from face_doubles import (  # noqa: E402
     write_antelopev2,
     write_landmark,
 )
-
-from hyperlora_core.errors import FaceModelError, FaceModelMissing, FaceNotFoundError  # noqa: E402
-from hyperlora_core.face import FaceAnalyzer, FaceResult, resolve_providers  # noqa: E402
-from hyperlora_core.images import to_rgb8  # noqa: E402
 
 
 @pytest.fixture(scope="module")

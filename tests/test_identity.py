@@ -10,7 +10,7 @@ from hyperlora_core.resampler import normalize_tokens
 from hyperlora_core.synthetic import TINY_UNET
 from hyperlora_core.topology import sdxl_modules
 
-from conftest import conditions
+from helpers import conditions
 
 RELEASED_TOKENS, RELEASED_K = 8 * 140, 128
 

@@ -9,7 +9,7 @@ from hyperlora_core import load_hyperlora, lora_delta
 from hyperlora_core.synthetic import TINY_UNET
 from hyperlora_core.topology import NAMINGS
 
-from conftest import conditions
+from helpers import conditions
 
 
 def test_tokens_are_unit_norm(tiny_hl):

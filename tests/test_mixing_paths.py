@@ -12,7 +12,7 @@ from hyperlora_core import load_hyperlora
 from hyperlora_core.basis import BasisBank
 from hyperlora_core.synthetic import TINY_UNET
 
-from conftest import conditions
+from helpers import conditions
 
 
 def _identity(hl, seed=0):

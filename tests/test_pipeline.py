@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from face_doubles import astronaut_landmarks, centred_box, paint_face, write_antelopev2
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +17,8 @@ from hyperlora_core.face import FaceAnalyzer
 from hyperlora_core.pipeline import CropOptions, IdentityPipeline
 from hyperlora_core.synthetic import TINY_UNET
 
-from conftest import TINY_CLIP_WIDTH
+from face_doubles import astronaut_landmarks, centred_box, paint_face, write_antelopev2
+from helpers import TINY_CLIP_WIDTH
 
 pytest.importorskip("insightface")
 

@@ -93,8 +93,13 @@ def find_folder(path: Path) -> Path:
     )
 
 
-def read_module_list(folder: Path, unet: UNetSpec) -> tuple[tuple[str, ...], tuple[AttnModule, ...]]:
-    """Names in json order, each resolved to an SDXL module and checked against ``unet``'s widths."""
+def read_module_list(folder: Path, unet: UNetSpec | None,
+                     ) -> tuple[tuple[str, ...], tuple[AttnModule, ...], UNetSpec]:
+    """Names in json order, each resolved to an SDXL module and checked against ``unet``'s widths.
+
+    ``unet`` None takes the widths from the list itself (the first module of each level, the first attn2's
+    context) and checks that every module agrees; a host then checks them against its model's weights.
+    """
     path = folder / MODULES_JSON
     head = path.read_bytes()[:64]
     if head.startswith(b"version https://git-lfs"):
@@ -105,6 +110,8 @@ def read_module_list(folder: Path, unet: UNetSpec) -> tuple[tuple[str, ...], tup
         raise CheckpointFormatError(f"module list: '{path}' is not valid JSON ({exc}); download it again.") from exc
     if not isinstance(raw, dict) or not raw:
         raise CheckpointFormatError(f"module list: '{path}' must be a non-empty JSON object of module entries.")
+    if unet is None:
+        unet = _listed_unet(path, raw)
     names, modules, seen = [], [], {}
     for name, info in raw.items():
         module = resolve(name)
@@ -120,7 +127,25 @@ def read_module_list(folder: Path, unet: UNetSpec) -> tuple[tuple[str, ...], tup
         _check_module_entry(path, name, info, module, unet)
         names.append(name)
         modules.append(module)
-    return tuple(names), tuple(modules)
+    return tuple(names), tuple(modules), unet
+
+
+def _listed_unet(path: Path, raw: dict) -> UNetSpec:
+    widths: dict[int, int] = {}
+    context = None
+    for name, info in raw.items():
+        module = resolve(name)
+        if module is None or not isinstance(info, dict):
+            continue  # reported with its name by the checks that follow
+        widths.setdefault(module.level, info.get("hidden_size"))
+        if module.cross and context is None:
+            context = info.get("cross_attention_dim")
+    try:
+        return UNetSpec(name=f"the UNet listed in {path.name}", level_widths=(widths.get(0) or widths.get(1),
+                        widths.get(1) or widths.get(0)), context_dim=context or widths.get(1))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointFormatError(f"module list: '{path}' gives no usable hidden_size / cross_attention_dim "
+                                    f"({exc}); download it again.") from exc
 
 
 def _check_module_entry(path: Path, name: str, info: object, module: AttnModule, unet: UNetSpec) -> None:
@@ -169,10 +194,10 @@ def read_basis_config(file: SafetensorsFile, modules: tuple[AttnModule, ...], un
     return BasisConfig(k=k, id_rank=id_rank, base_rank=base_rank)
 
 
-def open_checkpoint(path: str | Path, *, unet: UNetSpec = SDXL, dim_head: int | None = None) -> Checkpoint:
-    """Find, parse and check a checkpoint folder without reading its tensors."""
+def open_checkpoint(path: str | Path, *, unet: UNetSpec | None = SDXL, dim_head: int | None = None) -> Checkpoint:
+    """Find, parse and check a checkpoint folder without reading its tensors (``unet`` None: see read_module_list)."""
     folder = find_folder(Path(path).expanduser())
-    names, modules = read_module_list(folder, unet)
+    names, modules, unet = read_module_list(folder, unet)
     files = {
         "basis": SafetensorsFile(folder / "hyper_lora_modules.safetensors", "LoRA basis"),
         "resampler": SafetensorsFile(folder / "resampler.safetensors", "resampler"),

@@ -88,6 +88,20 @@ class HyperLoRA:
             self._id_projector = self._build(IdProjector, self.checkpoint.id_projector, "id_projector")
         return self._id_projector
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the networks are now: a host's model management may have moved them since they were built."""
+        return next(self.resampler().parameters()).device
+
+    def networks(self) -> torch.nn.ModuleDict:
+        """The networks (built if needed) in one module, for a host's model management to load and offload."""
+        nets = {"resampler": self.resampler()}
+        if self.checkpoint.id_projector is not None:
+            nets["id_projector"] = self.id_projector()
+        if self.has_base:
+            nets["base_resampler"] = self.resampler("base")
+        return torch.nn.ModuleDict(nets)
+
     def bank(self, kind: str) -> BasisBank:
         """The bases of ``kind``; both kinds share one flat view of the file (moved once to the device)."""
         if kind not in self._banks:
@@ -120,12 +134,12 @@ class HyperLoRA:
         clip = _check("clip_tokens", clip_tokens, 3, cfg.y_dim if cfg.two_conditions else cfg.x_dim)
         if "arcface" in needs:
             embeds = _check("id_embeds", id_embeds, 2, self.checkpoint.id_projector.embed_dim)
-            x = self.id_projector()(embeds.to(self.device, self.dtype))
+            x = self.id_projector()(embeds.to(self.compute_device, self.dtype))
             if clip is not None and clip.shape[0] != x.shape[0]:
                 raise ConditionError(f"clip_tokens has {clip.shape[0]} images but id_embeds has {x.shape[0]}; "
                                      "pass one of each per reference image")
-            return x, (clip.to(self.device, self.dtype) if cfg.two_conditions else None)
-        return clip.to(self.device, self.dtype), None
+            return x, (clip.to(self.compute_device, self.dtype) if cfg.two_conditions else None)
+        return clip.to(self.compute_device, self.dtype), None
 
     @torch.inference_mode()
     def predict_identity(self, clip_tokens: torch.Tensor | None = None, id_embeds: torch.Tensor | None = None,
@@ -141,7 +155,7 @@ class HyperLoRA:
         base = None
         if self.has_base and base_clip_tokens is not None:
             base_in = _check("base_clip_tokens", base_clip_tokens, 3, self.checkpoint.base_resampler.x_dim)
-            base = self.resampler("base")(base_in.to(self.device, self.dtype)).float().cpu()
+            base = self.resampler("base")(base_in.to(self.compute_device, self.dtype)).float().cpu()
         return Identity(tokens=tokens, module_names=self.module_names, fingerprint=self.fingerprint,
                         base_tokens=base)
 
@@ -183,12 +197,13 @@ def _check(name: str, value: torch.Tensor | None, ndim: int, width: int | None) 
 
 
 def load_hyperlora(path: str | Path, device: torch.device | str | None = None,
-                   dtype: torch.dtype | str | None = None, *, unet: UNetSpec = SDXL,
+                   dtype: torch.dtype | str | None = None, *, unet: UNetSpec | None = SDXL,
                    dim_head: int | None = None) -> HyperLoRA:
     """Open and check a checkpoint folder. Reads headers only; the networks build on first prediction.
 
     device: where prediction and mixing run (default CPU). dtype: "auto"/None, "fp32", "fp16" or "bf16".
-    unet: the UNet the modules must fit (SDXL). dim_head: the resampler's head width; by default what the
+    unet: the UNet the modules must fit (SDXL); None takes the widths the module list gives (a host then checks
+    them against its model). dim_head: the resampler's head width; by default what the
     resampler file's metadata says, else the release's 64.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")

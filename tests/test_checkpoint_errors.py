@@ -160,3 +160,15 @@ def test_identity_refused_by_other_checkpoint(tiny_factory):
     identity = a.predict_identity(clip_tokens=clip, id_embeds=arc)
     with pytest.raises(hc.IdentityMismatchError, match="made by checkpoint"):
         b.identity_to_lora(identity)
+
+
+def test_widths_from_the_module_list(tiny_factory, ckpt):
+    """unet=None: widths come from the json; a host checks them against its model. Inconsistency is refused."""
+    hl = hc.load_hyperlora(tiny_factory(), unet=None)
+    assert hl.checkpoint.unet.level_widths == (16, 32) and hl.checkpoint.unet.context_dim == 24
+    table = json.loads((ckpt / "hyper_lora_modules.json").read_text())
+    name = list(table)[-1]
+    table[name]["hidden_size"] = 48
+    (ckpt / "hyper_lora_modules.json").write_text(json.dumps(table))
+    with pytest.raises(hc.ModuleMismatchError, match=f"{name}.*hidden_size=48"):
+        hc.load_hyperlora(ckpt, unet=None)

@@ -9,5 +9,7 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import HyperLoRAExtension
+    from .nodes.folders import register
 
+    register()
     return HyperLoRAExtension()

@@ -119,9 +119,15 @@ class IdentityPipeline:
         return self.clip.encode(preprocess(crops)).float()
 
     def identity(self, images: Sequence[object], options: CropOptions = CropOptions(), on_failure: str = "error",
-                 progress: Progress | None = None) -> tuple[Identity, Conditions]:
-        """The averaged identity of the person in ``images``, and the conditions it came from."""
+                 progress: Progress | None = None, before_predict: Callable[[], None] | None = None,
+                 ) -> tuple[Identity, Conditions]:
+        """The averaged identity of the person in ``images``, and the conditions it came from.
+
+        before_predict: called between encoding and prediction (a host loads the networks to its device there).
+        """
         conditions = self.conditions(images, options, on_failure, progress)
+        if before_predict is not None:
+            before_predict()
         identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
                                                    id_embeds=conditions.id_embeds)
         identity.meta.update({"images_used": ",".join(map(str, conditions.used)),

@@ -1,13 +1,36 @@
-"""Thin ComfyUI V3 adapters over ``hyperlora_core``, one module per concern.
-
-The node list is filled by the node issues (#4 onward); this module only defines the extension object.
-"""
+"""Thin ComfyUI V3 adapters over ``hyperlora_core``, one module per concern."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from comfy_api.latest import ComfyExtension, io
+
+log = logging.getLogger(__name__)
+
+OPTIONAL = {"insightface": "pip install insightface onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
+            "onnxruntime": "pip install onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
+            "open_clip": "pip install open_clip_torch"}
+
+
+def report_missing() -> list[str]:
+    """One clear log line per missing package; the nodes still load and name it when used."""
+    missing = [name for name in OPTIONAL if importlib.util.find_spec(name) is None]
+    for name in missing:
+        log.warning("HyperLoRA: %s is not installed; face analysis needs it. Install it: %s", name, OPTIONAL[name])
+    return missing
 
 
 class HyperLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        from .apply import ApplyHyperLoRA, HyperLoRAToLoRA
+        from .hook import HyperLoRAHook
+        from .identity import HyperLoRAFromImage
+        from .loader import LoadHyperLoRA
+        from .slider import ConceptSlider
+        from .storage import LoadHyperLoRAIdentity, SaveHyperLoRA, SaveHyperLoRAIdentity
+
+        report_missing()
+        return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
+                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook]

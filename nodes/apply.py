@@ -1,0 +1,119 @@
+"""ApplyHyperLoRA and HyperLoRAToLoRA: an identity becomes a LoRA on ComfyUI's own LoRA path."""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.sd
+import torch
+from comfy_api.latest import io
+
+from ..hyperlora_core.errors import ModuleMismatchError
+from ..hyperlora_core.lora_io import lora_prefixes
+from .handle import TRIGGER_WORDS
+from .types import CATEGORY, HyperLoRAType, IdentityType
+
+log = logging.getLogger(__name__)
+
+
+def lora_dtype(handle) -> torch.dtype:
+    """The basis file's dtype: saving and applying in it is lossless for the mixed weights."""
+    file = handle.core.checkpoint.files["basis"]
+    tags = file.dtypes()
+    return file.torch_dtype(next(iter(tags))) if len(tags) == 1 else torch.float32
+
+
+def make_lora(handle, identity, kind: str = "id", key_format: str = "comfy") -> dict[str, torch.Tensor]:
+    return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle))
+
+
+def check_model(model, lora: dict[str, torch.Tensor]) -> None:
+    """Refuse, before sampling, a MODEL whose attention layers are not the ones the LoRA was made for."""
+    weights = model.model_state_dict()
+    missing, mismatched = [], []
+    for prefix in lora_prefixes(lora):
+        want = (lora[prefix + ".lora_up.weight"].shape[0], lora[prefix + ".lora_down.weight"].shape[1])
+        found = weights.get(prefix + ".weight")
+        if found is None:
+            missing.append(prefix)
+        elif tuple(found.shape) != want:
+            mismatched.append((prefix, tuple(found.shape), want))
+    if not missing and not mismatched:
+        return
+    total = len(lora_prefixes(lora))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of its {total} layers do not exist in this MODEL (first: {missing[0]})")
+    if mismatched:
+        p, found, want = mismatched[0]
+        parts.append(f"{len(mismatched)} have other sizes (first: {p} is {list(found)} in the MODEL, "
+                     f"{list(want)} in the HyperLoRA)")
+    raise ModuleMismatchError(
+        "This MODEL does not fit the HyperLoRA: " + "; ".join(parts) + ". HyperLoRA checkpoints are made for "
+        "SDXL: load an SDXL checkpoint (SD1.5, SD3, Flux and other models cannot use it).")
+
+
+def apply_identity(model, handle, identity, id_strength: float, base_strength: float = 0.0):
+    """A patched clone of ``model``; the incoming MODEL is never changed."""
+    lora = make_lora(handle, identity, "id")
+    check_model(model, lora)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, id_strength, 0.0)
+    if base_strength != 0.0:
+        if handle.core.has_base and identity.base_tokens is not None:
+            patched, _ = comfy.sd.load_lora_for_models(patched, None, make_lora(handle, identity, "base"),
+                                                       base_strength, 0.0)
+        else:
+            log.warning("base_strength %.2f ignored: this checkpoint or identity has no Base-LoRA", base_strength)
+    return patched
+
+
+class ApplyHyperLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ApplyHyperLoRA",
+            display_name="Apply HyperLoRA",
+            category=CATEGORY,
+            description="Applies an identity to an SDXL MODEL as a LoRA (on a copy). The prompt must contain the "
+                        f"trigger words '{TRIGGER_WORDS}' (output below).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SDXL model."),
+                HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
+                IdentityType.Input("identity", tooltip="From HyperLoRA Identity from Image or Load Identity."),
+                io.Float.Input("id_strength", default=0.85, min=-2.0, max=2.0, step=0.01,
+                               tooltip="LoRA weight of the identity; 0.75-0.85 is recommended."),
+                io.Float.Input("base_strength", default=0.0, min=-2.0, max=2.0, step=0.01,
+                               tooltip="Weight of the Base-LoRA, for checkpoints that have one (the released "
+                                       "ones do not: leave at 0)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the identity."),
+                     io.String.Output(display_name="trigger_words",
+                                      tooltip="Put these words in the prompt, or the identity has no effect.")],
+        )
+
+    @classmethod
+    def execute(cls, model, hyper_lora, identity, id_strength, base_strength) -> io.NodeOutput:
+        return io.NodeOutput(apply_identity(model, hyper_lora, identity, id_strength, base_strength), TRIGGER_WORDS)
+
+
+class HyperLoRAToLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HyperLoRAToLoRA",
+            display_name="HyperLoRA Identity to LoRA",
+            category=CATEGORY,
+            description="Turns an identity into a LORA_MODEL for the core Load LoRA Model and Save LoRA Weights "
+                        "nodes.",
+            inputs=[
+                HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
+                IdentityType.Input("identity", tooltip="The identity to convert."),
+                io.Combo.Input("kind", options=["id", "base"], default="id",
+                               tooltip="id: the identity LoRA. base: the Base-LoRA (checkpoints that have one)."),
+            ],
+            outputs=[io.LoraModel.Output(display_name="lora", tooltip="The LoRA (ComfyUI keys, alpha = rank/2).")],
+        )
+
+    @classmethod
+    def execute(cls, hyper_lora, identity, kind) -> io.NodeOutput:
+        return io.NodeOutput(make_lora(hyper_lora, identity, kind))

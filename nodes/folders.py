@@ -1,0 +1,119 @@
+"""Model folders: registration with ComfyUI (honours extra_model_paths.yaml) and the dropdown listings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import folder_paths
+
+log = logging.getLogger(__name__)
+
+HYPER_LORA = "hyper_lora"
+INSIGHTFACE = "insightface"
+IDENTITIES = "hyper_lora_identities"
+MODULES_JSON = "hyper_lora_modules.json"
+DETECTOR = "scrfd_10g_bnkps.onnx"
+CLIP_NAMES = ("clip_vit_large_14", "clip_vit", "clip")
+NOT_CHECKPOINTS = {"clip_vit", "clip_processor", "identities"}
+
+
+def register() -> None:
+    """Add our folders under ComfyUI's models dir, keeping any path extra_model_paths.yaml already gave."""
+    base = Path(folder_paths.models_dir)
+    for name, path in ((HYPER_LORA, base / "hyper_lora"), (INSIGHTFACE, base / "insightface"),
+                       (IDENTITIES, base / "hyper_lora" / "identities")):
+        folder_paths.add_model_folder_path(name, str(path), is_default=False)
+        folder_paths.folder_names_and_paths[name] = (folder_paths.folder_names_and_paths[name][0], {".safetensors"}
+                                                     if name == IDENTITIES else set())
+
+
+def _roots(kind: str) -> list[Path]:
+    return [Path(p) for p in folder_paths.get_folder_paths(kind) if os.path.isdir(p)]
+
+
+def checkpoints() -> list[str]:
+    """Checkpoint folders (relative to a hyper_lora root), including the official nodes' hyper_lora/hyper_lora/."""
+    found = []
+    for root in _roots(HYPER_LORA):
+        for parent in (root, root / "hyper_lora"):
+            if not parent.is_dir():
+                continue
+            for sub in sorted(parent.iterdir()):
+                if sub.is_dir() and sub.name not in NOT_CHECKPOINTS and (
+                        (sub / MODULES_JSON).is_file() or any(sub.glob(f"*/{MODULES_JSON}"))):
+                    found.append(sub.relative_to(root).as_posix())
+    return sorted(set(found))
+
+
+def checkpoint_path(name: str) -> Path:
+    for root in _roots(HYPER_LORA):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(
+        f"HyperLoRA checkpoint '{name}' is not in any hyper_lora folder ({', '.join(map(str, _roots(HYPER_LORA)))}). "
+        "Put the released checkpoint folder there and refresh the page (press R).")
+
+
+def face_analyzers() -> list[str]:
+    found = []
+    for root in _roots(INSIGHTFACE):
+        for folder in sorted(root.rglob(DETECTOR)):
+            rel = folder.parent.relative_to(root)
+            if len(rel.parts) <= 3:
+                found.append(rel.as_posix())
+    return sorted(set(found))
+
+
+def face_analyzer_path(name: str) -> Path:
+    for root in _roots(INSIGHTFACE):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(
+        f"face analyzer '{name}' is not in any insightface folder ({', '.join(map(str, _roots(INSIGHTFACE)))}). "
+        "Put antelopev2 (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx, genderage.onnx, 1k3d68.onnx) in "
+        "models/insightface/models/antelopev2/.")
+
+
+def clip_folder(checkpoint: Path) -> Path:
+    """The CLIP ViT-L/14 used when no CLIP_VISION is connected."""
+    candidates = [checkpoint / n for n in CLIP_NAMES]
+    for root in _roots(HYPER_LORA):
+        candidates += [root / "clip_vit" / "clip_vit_large_14"]
+        if (root / "clip_vit").is_dir():
+            candidates += sorted(p for p in (root / "clip_vit").iterdir() if p.is_dir())
+    for candidate in candidates:
+        if (candidate / "model.safetensors").is_file() or any(candidate.glob("*.safetensors")):
+            return candidate
+    raise FileNotFoundError(
+        "no CLIP ViT-L/14 found: connect a CLIP_VISION (Load CLIP Vision with clip-vit-large-patch14), or put "
+        "openai/clip-vit-large-patch14 (config.json + model.safetensors) in models/hyper_lora/clip_vit/"
+        "clip_vit_large_14/.")
+
+
+def identities() -> list[str]:
+    return folder_paths.get_filename_list(IDENTITIES)
+
+
+def identity_path(name: str) -> Path:
+    path = folder_paths.get_full_path(IDENTITIES, name)
+    if path is None:
+        raise FileNotFoundError(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
+    return Path(path)
+
+
+def save_target(kind: str, prefix: str, ext: str = ".safetensors") -> Path:
+    """A new numbered file under the first folder of ``kind``; the prefix can never lead outside it."""
+    root = Path(folder_paths.get_folder_paths(kind)[0]).resolve()
+    parts = [p for p in Path(prefix.replace("\\", "/")).parts if p not in ("", ".", "..", "/") and ":" not in p]
+    if not parts:
+        parts = ["hyperlora"]
+    target_dir = root.joinpath(*parts[:-1]).resolve()
+    if root != target_dir and root not in target_dir.parents:
+        raise ValueError(f"filename_prefix '{prefix}' would write outside {root}; use a plain name")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    stem, counter = parts[-1], 1
+    while (target_dir / f"{stem}_{counter:05d}_{ext}").exists():
+        counter += 1
+    return target_dir / f"{stem}_{counter:05d}_{ext}"

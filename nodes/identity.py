@@ -1,0 +1,58 @@
+"""HyperLoRAFromImage: reference photos of one person -> an identity, with face-crop previews."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy.utils import ProgressBar
+from comfy_api.latest import io
+
+from ..hyperlora_core.pipeline import CropOptions
+from .types import CATEGORY, HyperLoRAType, IdentityType
+
+PREVIEW = 224
+
+
+def previews(crops: list[np.ndarray]) -> torch.Tensor:
+    """Square uint8 crops -> an IMAGE batch [b, 224, 224, 3] in [0, 1]."""
+    from PIL import Image
+
+    out = [np.asarray(Image.fromarray(c).resize((PREVIEW, PREVIEW), Image.Resampling.BICUBIC)) for c in crops]
+    return torch.from_numpy(np.stack(out)).float() / 255.0
+
+
+class HyperLoRAFromImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HyperLoRAFromImage",
+            display_name="HyperLoRA Identity from Image",
+            category=CATEGORY,
+            description="Finds the face in each photo and predicts one identity from all of them (averaged).",
+            inputs=[
+                HyperLoRAType.Input("hyper_lora", tooltip="From Load HyperLoRA."),
+                io.Image.Input("image", tooltip="One photo, or a batch of photos of the same person (averaged)."),
+                io.Boolean.Input("remove_background", default=True,
+                                 tooltip="Grey out everything around the face before CLIP sees it (recommended)."),
+                io.Boolean.Input("grayscale", default=False, tooltip="Give CLIP a grey face crop."),
+                io.Int.Input("face_index", default=-1, min=-1, max=64,
+                             tooltip="-1: the largest face. 0, 1, ...: the k-th face counted from the left."),
+                io.Combo.Input("on_failure", options=["error", "skip"], default="error",
+                               tooltip="A photo without a usable face: stop with an error naming it, or leave it "
+                                       "out (the others are used)."),
+            ],
+            outputs=[IdentityType.Output(display_name="identity", tooltip="The person's identity."),
+                     io.Image.Output(display_name="face_crops", tooltip="What CLIP saw, one crop per used photo.")],
+        )
+
+    @classmethod
+    def execute(cls, hyper_lora, image, remove_background, grayscale, face_index, on_failure) -> io.NodeOutput:
+        images = [img.cpu().numpy() for img in image]  # IMAGE: [b, h, w, c] float in [0, 1]
+        bar = ProgressBar(len(images) + 1)
+        options = CropOptions(remove_background=remove_background, grayscale=grayscale,
+                              face_index=None if face_index < 0 else face_index)
+        identity, conditions = hyper_lora.pipeline.identity(
+            images, options, on_failure, progress=lambda done, total: bar.update_absolute(done),
+            before_predict=hyper_lora.load_networks)
+        bar.update_absolute(len(images) + 1)
+        return io.NodeOutput(identity, previews(conditions.previews))

@@ -1,0 +1,92 @@
+"""Saving LoRAs for other tools, and saving / loading identities."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..hyperlora_core import Identity, save_lora
+from . import folders
+from .apply import lora_dtype, make_lora
+from .types import CATEGORY, HyperLoRAType, IdentityType
+
+log = logging.getLogger(__name__)
+
+
+class SaveHyperLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveHyperLoRA",
+            display_name="Save HyperLoRA as LoRA",
+            category=CATEGORY,
+            description="Writes the identity as a normal LoRA file into models/loras, with kohya keys: ComfyUI's "
+                        "Load LoRA, A1111/Forge and kohya's scripts load it.",
+            inputs=[
+                HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
+                IdentityType.Input("identity", tooltip="The identity to save."),
+                io.String.Input("filename_prefix", default="hyperlora/identity",
+                                tooltip="File name (and sub-folder) under models/loras; a number is appended."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The saved file, as Load LoRA lists it.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, hyper_lora, identity, filename_prefix) -> io.NodeOutput:
+        target = folders.save_target("loras", filename_prefix)
+        lora = make_lora(hyper_lora, identity, "id", key_format="kohya")
+        save_lora(lora, target, dtype=lora_dtype(hyper_lora),
+                  metadata={"hyperlora_fingerprint": hyper_lora.core.fingerprint,
+                            "hyperlora_trigger_words": "fcsks fxhks fhyks"})
+        root = folders.folder_paths.get_folder_paths("loras")[0]
+        name = target.relative_to(folders.Path(root).resolve()).as_posix()
+        log.info("saved HyperLoRA LoRA %s", target)
+        return io.NodeOutput(name, ui={"text": [name]})
+
+
+class SaveHyperLoRAIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveHyperLoRAIdentity",
+            display_name="Save HyperLoRA Identity",
+            category=CATEGORY,
+            description="Saves an identity (a few hundred KB) into models/hyper_lora/identities.",
+            inputs=[
+                IdentityType.Input("identity", tooltip="The identity to save."),
+                io.String.Input("filename_prefix", default="identity",
+                                tooltip="File name under models/hyper_lora/identities; a number is appended."),
+                io.Combo.Input("storage", options=["fp16", "int8"], default="fp16",
+                               tooltip="fp16: ~282 KB, exact. int8: ~143 KB, error <= 2e-3 per coefficient."),
+            ],
+            outputs=[io.String.Output(display_name="identity_name", tooltip="The saved file's name.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, identity, filename_prefix, storage) -> io.NodeOutput:
+        target = folders.save_target(folders.IDENTITIES, filename_prefix)
+        identity.save(target, storage=storage)
+        root = folders.Path(folders.folder_paths.get_folder_paths(folders.IDENTITIES)[0]).resolve()
+        name = target.relative_to(root).as_posix()
+        return io.NodeOutput(name, ui={"text": [name]})
+
+
+class LoadHyperLoRAIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadHyperLoRAIdentity",
+            display_name="Load HyperLoRA Identity",
+            category=CATEGORY,
+            description="Loads a saved identity. It only works with the checkpoint that made it.",
+            inputs=[io.Combo.Input("identity", options=folders.identities(),
+                                   tooltip="An identity file in models/hyper_lora/identities.")],
+            outputs=[IdentityType.Output(display_name="identity", tooltip="The loaded identity.")],
+        )
+
+    @classmethod
+    def execute(cls, identity) -> io.NodeOutput:
+        return io.NodeOutput(Identity.load(folders.identity_path(identity)))

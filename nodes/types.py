@@ -1,0 +1,7 @@
+"""Custom wire types of the pack."""
+
+from comfy_api.latest import io
+
+HyperLoRAType = io.Custom("HYPER_LORA")  # nodes.handle.HyperLoRAHandle
+IdentityType = io.Custom("HYPER_LORA_IDENTITY")  # hyperlora_core.Identity
+CATEGORY = "HyperLoRA"

@@ -1,0 +1,123 @@
+"""Tiny models built from ComfyUI's own classes, for the host tier (shared by the test node pack and conftest).
+
+Every builder imports ComfyUI lazily, so this module imports without it. Weights are seeded random: the models
+have real topologies and names (SDXL: 140 attention modules named as in SDXL) at widths of 16-128.
+"""
+
+from __future__ import annotations
+
+# SDXL's real block structure at tiny widths (HOST.md): 140 attention modules named exactly as in SDXL.
+TINY_SDXL_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 32 + 1536, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# SD1.5's block structure (one transformer per attention level, conv proj_in) at the same tiny widths.
+TINY_SD15_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 64,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3}
+# clip_l (32) + clip_g (32) = the UNet's context_dim 64; clip_g's pooled output (32) feeds adm_in_channels 32+1536
+TINY_CLIP_OPTIONS = {"clip_l_model_config": dict(TINY_CLIP),
+                     "clip_g_model_config": dict(TINY_CLIP, projection_dim=32)}
+
+
+def randomise(module, seed: int, scale: float = 0.05) -> None:
+    """Fill every parameter of ``module`` with seeded N(0, scale²) (ComfyUI's layers come out of torch.empty)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _patcher(model):
+    import comfy.model_management
+    import comfy.model_patcher
+
+    device = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
+
+
+def tiny_sdxl(seed: int = 0, model_channels: int = 32):
+    """A ModelPatcher around SDXL (comfy.supported_models.SDXL) at ``model_channels`` (32: 23.6 M params)."""
+    import comfy.supported_models
+
+    config = dict(TINY_SDXL_CONFIG, model_channels=model_channels)
+    supported = comfy.supported_models.SDXL(config)
+    supported.unet_config["num_head_channels"] = 16  # BASE forces 64, which a 32-wide level cannot split
+    model = supported.get_model({})
+    randomise(model, seed)
+    return _patcher(model)
+
+
+def tiny_sd15(seed: int = 0):
+    """A ModelPatcher around SD1.5 (comfy.supported_models.SD15) at tiny widths: attention at 32/64/128."""
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15(dict(TINY_SD15_CONFIG)).get_model({})
+    randomise(model, seed)
+    return _patcher(model)
+
+
+def tiny_clip(seed: int = 0):
+    """comfy.sd.CLIP around SDXL's two text encoders (sdxl_clip.SDXLClipModel) at width 32, real tokenizers."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import torch
+
+    class Target:
+        params: dict = {}
+        clip = comfy.sdxl_clip.SDXLClipModel
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+
+    clip = comfy.sd.CLIP(target=Target(), model_options=dict(TINY_CLIP_OPTIONS, dtype=torch.float32))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in clip.cond_stage_model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.zero_()
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embedding" in name else p.shape[-1] ** -0.5))
+    return clip
+
+
+def tiny_vae(seed: int = 0, scale: float = 0.05):
+    """comfy.sd.VAE detecting a TAESD-shaped state dict (seeded He-initialised weights); ``scale`` shrinks the
+    latents first so that the decoder's input clamp does not saturate on a random UNet's output."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in comfy.taesd.taesd.TAESD().state_dict().items():  # its layers come out of torch.empty
+        fan_in = p[0].numel() if p.ndim > 1 else 1
+        sd[name] = torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5 if p.ndim > 1 else torch.zeros(p.shape)
+    sd["vae_scale"], sd["vae_shift"] = torch.tensor(scale), torch.tensor(0.0)
+    return comfy.sd.VAE(sd=sd)
+
+
+def face_photo(seed: int = 0, face: bool = True, side: int = 640):
+    """An IMAGE [1, side, side, 3]: dark noise with, if ``face``, a painted face the detector double finds."""
+    import numpy as np
+    import torch
+
+    from face_doubles import centred_box, paint_face  # tests/ is put on sys.path by the pack's __init__
+
+    image = np.random.default_rng(seed).integers(10, 40, size=(side, side, 3), dtype=np.uint8)
+    if face:
+        paint_face(image, centred_box(side / 2, side / 2 - 10, side / 4), seed=seed)
+    return torch.from_numpy(image).float().div(255.0)[None]

@@ -40,3 +40,32 @@ def test_comfyui_loads_the_package(tmp_path):
     assert '"ok": true' in result, run.stderr[-3000:]
     assert f'"web": "{package / "web"}"' in result  # WEB_DIRECTORY served at /extensions/ComfyUI-HyperLoRA/
     assert "Error while calling comfy_entrypoint" not in run.stderr
+
+
+MISSING = textwrap.dedent("""
+    import asyncio, importlib.util, json, logging, sys
+    logging.basicConfig(level=logging.INFO)
+    sys.path.insert(0, sys.argv[1])
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "insightface" else real(name, *a)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import nodes
+    ok = asyncio.run(nodes.load_custom_node(sys.argv[2]))
+    ours = sorted(k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+                  if "ComfyUI-HyperLoRA" in getattr(v, "RELATIVE_PYTHON_MODULE", ""))
+    print(json.dumps({"ok": ok, "nodes": ours}))
+""")
+
+
+def test_missing_insightface_is_one_clear_line_and_the_nodes_still_load(tmp_path):
+    package = tmp_path / "custom_nodes" / "ComfyUI-HyperLoRA"
+    package.parent.mkdir()
+    package.symlink_to(ROOT, target_is_directory=True)
+    run = subprocess.run([sys.executable, "-c", MISSING, COMFYUI, str(package)], capture_output=True, text=True,
+                         cwd=COMFYUI, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = run.stdout.strip().splitlines()[-1]
+    assert '"ok": true' in result and "ApplyHyperLoRA" in result and "HyperLoRAFromImage" in result
+    lines = [line for line in run.stderr.splitlines() if "insightface is not installed" in line]
+    assert len(lines) == 1 and "pip install insightface" in lines[0]

@@ -48,9 +48,13 @@ def check_model(model, lora: dict[str, torch.Tensor]) -> None:
         p, found, want = mismatched[0]
         parts.append(f"{len(mismatched)} have other sizes (first: {p} is {list(found)} in the MODEL, "
                      f"{list(want)} in the HyperLoRA)")
-    raise ModuleMismatchError(
-        "This MODEL does not fit the HyperLoRA: " + "; ".join(parts) + ". HyperLoRA checkpoints are made for "
-        "SDXL: load an SDXL checkpoint (SD1.5, SD3, Flux and other models cannot use it).")
+    if missing:
+        advice = ("HyperLoRA checkpoints are made for SDXL: load an SDXL checkpoint (SD1.5, SD3, Flux and other "
+                  "models cannot use it).")
+    else:
+        advice = ("The MODEL has SDXL's layers but other attention widths than this HyperLoRA checkpoint was "
+                  "made for: use a standard SDXL model (640/1280 wide, 2048-wide text context).")
+    raise ModuleMismatchError("This MODEL does not fit the HyperLoRA: " + "; ".join(parts) + ". " + advice)
 
 
 def apply_identity(model, handle, identity, id_strength: float, base_strength: float = 0.0):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import folder_paths
 
+from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing
+
 log = logging.getLogger(__name__)
 
 HYPER_LORA = "hyper_lora"
@@ -51,7 +53,7 @@ def checkpoint_path(name: str) -> Path:
     for root in _roots(HYPER_LORA):
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(
+    raise CheckpointFileMissing(
         f"HyperLoRA checkpoint '{name}' is not in any hyper_lora folder ({', '.join(map(str, _roots(HYPER_LORA)))}). "
         "Put the released checkpoint folder there and refresh the page (press R).")
 
@@ -70,7 +72,7 @@ def face_analyzer_path(name: str) -> Path:
     for root in _roots(INSIGHTFACE):
         if (root / name).is_dir():
             return root / name
-    raise FileNotFoundError(
+    raise FaceModelMissing(
         f"face analyzer '{name}' is not in any insightface folder ({', '.join(map(str, _roots(INSIGHTFACE)))}). "
         "Put antelopev2 (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx, genderage.onnx, 1k3d68.onnx) in "
         "models/insightface/models/antelopev2/.")
@@ -86,7 +88,7 @@ def clip_folder(checkpoint: Path) -> Path:
     for candidate in candidates:
         if (candidate / "model.safetensors").is_file() or any(candidate.glob("*.safetensors")):
             return candidate
-    raise FileNotFoundError(
+    raise CheckpointFileMissing(
         "no CLIP ViT-L/14 found: connect a CLIP_VISION (Load CLIP Vision with clip-vit-large-patch14), or put "
         "openai/clip-vit-large-patch14 (config.json + model.safetensors) in models/hyper_lora/clip_vit/"
         "clip_vit_large_14/.")
@@ -99,7 +101,7 @@ def identities() -> list[str]:
 def identity_path(name: str) -> Path:
     path = folder_paths.get_full_path(IDENTITIES, name)
     if path is None:
-        raise FileNotFoundError(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
+        raise CheckpointFileMissing(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
     return Path(path)
 
 

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from comfy_server import ComfyServer, show
+from nodepack import tiny
+
+from hyperlora_core import UNetSpec
+from hyperlora_core.synthetic import write_checkpoint
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 HAS_COMFYUI = bool(COMFYUI) and (Path(COMFYUI) / "comfy" / "lora.py").is_file()
 SKIP_REASON = "host tier: set COMFYUI_PATH to a ComfyUI v0.3.64 checkout to run it"
 
-# SDXL's real block structure at tiny widths (HOST.md): 140 attention modules named exactly as in SDXL.
-TINY_SDXL_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 32 + 1536, "in_channels": 4, "model_channels": 32,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+TINY_SDXL_CONFIG = tiny.TINY_SDXL_CONFIG  # SDXL's real block structure at tiny widths (HOST.md)
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +45,80 @@ def comfy():
 
 @pytest.fixture()
 def tiny_sdxl(comfy):
-    """A ModelPatcher around a 23.6 M-parameter SDXL built from ComfyUI's own classes, random weights."""
-    import torch
+    """A ModelPatcher around a 23.6 M-parameter SDXL built from ComfyUI's own classes, seeded random weights."""
+    return tiny.tiny_sdxl(seed=0)
 
-    model = comfy.supported_models.SDXL(dict(TINY_SDXL_CONFIG)).get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+# -- the real server ---------------------------------------------------------------------------------------------
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parents[1]  # the repository root: loaded as custom_nodes/ComfyUI-HyperLoRA
+HOST_UNET = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
+# hyper_lora/<name>: two good checkpoints (other seeds: identities do not cross), a truncated basis, and one the
+# missing-checkpoint test deletes while the server runs
+CHECKPOINTS = {"tiny_a": 0, "tiny_b": 1}
+
+
+@dataclass
+class ServerRoot:
+    """A running server and the throw-away ComfyUI root it reads and writes."""
+
+    server: ComfyServer
+    root: Path
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+
+def build_root(root: Path, clip_folder: Path) -> Path:
+    """models/ (hyper_lora checkpoints + shared CLIP, insightface doubles) and custom_nodes/ (both packs)."""
+    from face_doubles import write_antelopev2
+    from helpers import TINY_CLIP_WIDTH
+
+    hyper = root / "models" / "hyper_lora"
+    for name, seed in CHECKPOINTS.items():
+        write_checkpoint(hyper / name, unet=HOST_UNET, clip_dim=TINY_CLIP_WIDTH, seed=seed)
+    shutil.copytree(clip_folder, hyper / "clip_vit" / "clip_vit_large_14")
+    shutil.copytree(hyper / "tiny_a", hyper / "tiny_gone")
+    shutil.copytree(hyper / "tiny_a", hyper / "tiny_corrupt")
+    basis = hyper / "tiny_corrupt" / "hyper_lora_modules.safetensors"
+    basis.write_bytes(basis.read_bytes()[: basis.stat().st_size // 2])  # an interrupted download
+    write_antelopev2(root / "models" / "insightface" / "models" / "antelopev2")
+    nodes = root / "custom_nodes"
+    nodes.mkdir()
+    (nodes / "ComfyUI-HyperLoRA").symlink_to(PACKAGE, target_is_directory=True)
+    (nodes / "hyperlora_test_nodes").symlink_to(HERE / "nodepack", target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, request):
+    """The real ComfyUI (``main.py --cpu``) on a free loopback port over a throw-away root.
+
+    Its log is <root>/comfyui.log; a failing test that used it shows the log's tail.
+    """
+    if not HAS_COMFYUI:
+        pytest.skip(SKIP_REASON)
+    pytest.importorskip("aiohttp", reason="the host tier follows /ws with aiohttp (a ComfyUI requirement)")
+    root = build_root(tmp_path_factory.mktemp("comfy_root"), request.getfixturevalue("tiny_clip_folder"))
+    started = time.monotonic()
+    running = ComfyServer(Path(COMFYUI), root).start()
+    show(f"\nComfyUI answered in {time.monotonic() - started:.1f} s on {running.url}; log {running.log_path}")
+    try:
+        yield ServerRoot(running, root)
+    finally:
+        running.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used the server gets the tail of the server's log in its report."""
+    outcome = yield
+    report = outcome.get_result()
+    holder = item.funcargs.get("server") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(holder, ServerRoot):
+        report.sections.append(("ComfyUI log (tail)", holder.server.log_tail(80)))

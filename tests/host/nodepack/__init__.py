@@ -94,5 +94,120 @@ class HLTestFaceImage:
         return (tiny.face_photo(seed, face),)
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE,
-                                                     HLTestFaceImage)}
+class HLTestDumpWeights:
+    """Write the model's attention weights (the 560 LoRA targets) to output/<name>.safetensors.
+
+    load True: through ComfyUI's model management first (load_models_gpu applies the MODEL's patches in place, as
+    before sampling); False: the module as it is now. ``after`` only orders this node after a sampler.
+    """
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ()
+    FUNCTION = "dump"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "the model to read"}),
+                             "name": ("STRING", {"default": "weights", "tooltip": "file name under output/"}),
+                             "load": ("BOOLEAN", {"default": True, "tooltip": "apply the patches first"})},
+                "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def dump(self, model, name, load, after=None):
+        import comfy.model_management
+        import folder_paths
+        import safetensors.torch
+
+        if load:
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
+        sd = model.model.diffusion_model.state_dict()
+        weights = {k: v.detach().float().cpu().clone() for k, v in sd.items() if tiny.is_lora_target(k)}
+        meta = {"patches": str(len(model.patches)), "patched_targets": str(sum(
+            1 for k in model.patches if tiny.is_lora_target(k.removeprefix("diffusion_model."))))}
+        path = Path(folder_paths.get_output_directory()) / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(weights, str(path), metadata=meta)
+        return {"ui": {"dump": [{"path": str(path), **meta, "weights": len(weights)}]}}
+
+
+class HLTestRecordWeights:
+    """MODEL -> MODEL whose every UNet call saves one weight (``key``), the batch's cond_or_uncond and sigma to
+    output/<name>/call_<n>.safetensors; before.safetensors holds the weight when this node ran."""
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "the model to watch"}),
+                             "key": ("STRING", {"default": tiny.WATCHED_KEY, "tooltip": "diffusion_model weight"}),
+                             "name": ("STRING", {"default": "calls", "tooltip": "folder under output/"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def wrap(self, model, key, name):
+        import folder_paths
+        import safetensors.torch
+
+        folder = Path(folder_paths.get_output_directory()) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        module = model.model.diffusion_model
+        safetensors.torch.save_file({"weight": module.get_parameter(key).detach().float().clone()},
+                                    str(folder / "before.safetensors"))
+        calls = []
+
+        def recorder(apply_model, args):
+            meta = {"cond_or_uncond": ",".join(map(str, args["cond_or_uncond"])),
+                    "sigma": repr(float(args["timestep"].flatten()[0]))}
+            safetensors.torch.save_file({"weight": module.get_parameter(key).detach().float().clone()},
+                                        str(folder / f"call_{len(calls):03d}.safetensors"), metadata=meta)
+            calls.append(meta)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        patched = model.clone()
+        patched.set_model_unet_function_wrapper(recorder)
+        return (patched,)
+
+
+class HLTestLoadedModels:
+    """Report ComfyUI's loaded models (class, bytes) and this process's RSS; always re-runs."""
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": "", "tooltip": "any text, shown back"})},
+                "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def report(self, tag, after=None):
+        import gc
+
+        import comfy.model_management as mm
+        import psutil
+
+        gc.collect()
+        models = []
+        for lm in mm.current_loaded_models:
+            inner = lm.model.model if lm.model is not None else None
+            kind = type(inner)
+            models.append({"class": f"{kind.__module__}.{kind.__qualname__}", "bytes": int(lm.model_memory())})
+        return {"ui": {"report": [{"tag": tag, "models": models, "rss": psutil.Process().memory_info().rss}]}}
+
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestFaceImage, HLTestDumpWeights,
+    HLTestRecordWeights, HLTestLoadedModels)}

@@ -30,14 +30,25 @@ TINY_CLIP_OPTIONS = {"clip_l_model_config": dict(TINY_CLIP),
                      "clip_g_model_config": dict(TINY_CLIP, projection_dim=32)}
 
 
-def randomise(module, seed: int, scale: float = 0.05) -> None:
-    """Fill every parameter of ``module`` with seeded N(0, scale²) (ComfyUI's layers come out of torch.empty)."""
+def randomise(module, seed: int, scale: float | None = None) -> None:
+    """Seeded random weights (ComfyUI's layers come out of torch.empty).
+
+    scale None: matrices N(0, 1/fan_in), norm weights 1, biases 0, so that every layer (attention included)
+    moves the output; a float: every parameter N(0, scale²).
+    """
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in module.modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+            if scale is not None:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            else:
+                p.fill_(1.0 if id(p) in norms else 0.0)
 
 
 def _patcher(model):
@@ -94,7 +105,7 @@ def tiny_clip(seed: int = 0):
     return clip
 
 
-def tiny_vae(seed: int = 0, scale: float = 0.05):
+def tiny_vae(seed: int = 0, scale: float = 0.01):
     """comfy.sd.VAE detecting a TAESD-shaped state dict (seeded He-initialised weights); ``scale`` shrinks the
     latents first so that the decoder's input clamp does not saturate on a random UNet's output."""
     import comfy.sd
@@ -107,6 +118,8 @@ def tiny_vae(seed: int = 0, scale: float = 0.05):
         fan_in = p[0].numel() if p.ndim > 1 else 1
         sd[name] = torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5 if p.ndim > 1 else torch.zeros(p.shape)
     sd["vae_scale"], sd["vae_shift"] = torch.tensor(scale), torch.tensor(0.0)
+    sd["taesd_decoder.19.weight"] /= 600.0  # the ReLU blocks grow the signal ~100x: keep pixels mid-grey, unclipped
+    sd["taesd_decoder.19.bias"].fill_(0.5)
     return comfy.sd.VAE(sd=sd)
 
 
@@ -121,3 +134,13 @@ def face_photo(seed: int = 0, face: bool = True, side: int = 640):
     if face:
         paint_face(image, centred_box(side / 2, side / 2 - 10, side / 4), seed=seed)
     return torch.from_numpy(image).float().div(255.0)[None]
+
+
+WATCHED_KEY = "output_blocks.2.1.transformer_blocks.7.attn2.to_k.weight"  # a cross-attention key of level 1
+_TARGETS = ("attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight",
+            "attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight")
+
+
+def is_lora_target(key: str) -> bool:
+    """True for the 4 x 140 attention linears of SDXL (diffusion_model keys without the prefix)."""
+    return ".transformer_blocks." in key and key.endswith(_TARGETS)

@@ -49,13 +49,23 @@ def checkpoints() -> list[str]:
     return sorted(set(found))
 
 
+def _find_dir(kind: str, name: str) -> Path | None:
+    """``name`` (a dropdown value, relative) under the first root of ``kind`` that has it; never outside one."""
+    for root in _roots(kind):
+        path = (root / name).resolve()
+        if path.is_dir() and (path == root.resolve() or root.resolve() in path.parents):
+            return path
+    return None
+
+
 def checkpoint_path(name: str) -> Path:
-    for root in _roots(HYPER_LORA):
-        if (root / name).is_dir():
-            return root / name
-    raise CheckpointFileMissing(
-        f"HyperLoRA checkpoint '{name}' is not in any hyper_lora folder ({', '.join(map(str, _roots(HYPER_LORA)))}). "
-        "Put the released checkpoint folder there and refresh the page (press R).")
+    path = _find_dir(HYPER_LORA, name)
+    if path is None:
+        raise CheckpointFileMissing(
+            f"HyperLoRA checkpoint '{name}' is not in any hyper_lora folder "
+            f"({', '.join(map(str, _roots(HYPER_LORA)))}). Put the released checkpoint folder there and refresh "
+            "the page (press R).")
+    return path
 
 
 def face_analyzers() -> list[str]:
@@ -69,13 +79,13 @@ def face_analyzers() -> list[str]:
 
 
 def face_analyzer_path(name: str) -> Path:
-    for root in _roots(INSIGHTFACE):
-        if (root / name).is_dir():
-            return root / name
-    raise FaceModelMissing(
-        f"face analyzer '{name}' is not in any insightface folder ({', '.join(map(str, _roots(INSIGHTFACE)))}). "
-        "Put antelopev2 (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx, genderage.onnx, 1k3d68.onnx) in "
-        "models/insightface/models/antelopev2/.")
+    path = _find_dir(INSIGHTFACE, name)
+    if path is None:
+        raise FaceModelMissing(
+            f"face analyzer '{name}' is not in any insightface folder ({', '.join(map(str, _roots(INSIGHTFACE)))}). "
+            "Put antelopev2 (scrfd_10g_bnkps.onnx, 2d106det.onnx, glintr100.onnx, genderage.onnx, 1k3d68.onnx) "
+            "in models/insightface/models/antelopev2/.")
+    return path
 
 
 def clip_folder(checkpoint: Path) -> Path:
@@ -103,6 +113,11 @@ def identity_path(name: str) -> Path:
     if path is None:
         raise CheckpointFileMissing(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
     return Path(path)
+
+
+def saved_name(kind: str, target: Path) -> str:
+    """How a dropdown of ``kind`` lists a file that save_target made."""
+    return target.relative_to(Path(folder_paths.get_folder_paths(kind)[0]).resolve()).as_posix()
 
 
 def save_target(kind: str, prefix: str, ext: str = ".safetensors") -> Path:

@@ -40,8 +40,7 @@ class SaveHyperLoRA(io.ComfyNode):
         save_lora(lora, target, dtype=lora_dtype(hyper_lora),
                   metadata={"hyperlora_fingerprint": hyper_lora.core.fingerprint,
                             "hyperlora_trigger_words": "fcsks fxhks fhyks"})
-        root = folders.folder_paths.get_folder_paths("loras")[0]
-        name = target.relative_to(folders.Path(root).resolve()).as_posix()
+        name = folders.saved_name("loras", target)
         log.info("saved HyperLoRA LoRA %s", target)
         return io.NodeOutput(name, ui={"text": [name]})
 
@@ -69,8 +68,7 @@ class SaveHyperLoRAIdentity(io.ComfyNode):
     def execute(cls, identity, filename_prefix, storage) -> io.NodeOutput:
         target = folders.save_target(folders.IDENTITIES, filename_prefix)
         identity.save(target, storage=storage)
-        root = folders.Path(folders.folder_paths.get_folder_paths(folders.IDENTITIES)[0]).resolve()
-        name = target.relative_to(root).as_posix()
+        name = folders.saved_name(folders.IDENTITIES, target)
         return io.NodeOutput(name, ui={"text": [name]})
 
 

@@ -1,0 +1,252 @@
+// Drives Debian's chromium (playwright-core) against a running ComfyUI for tests/host/test_browser.py.
+// Usage: node driver.cjs <config.json>; config: {url, chromium, workflows: [paths], screenshot: {workflow, path},
+// guard: true, words, tmp}. Prints one JSON object with what it saw; the Python test makes the assertions.
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+  "--no-first-run", "--disable-quic", "--disable-sync"];
+const VIEWPORT = { width: 1280, height: 800 };
+
+// In the page: record every dialog the app opens and every toast it shows (through their pinia stores).
+function watchStores() {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  window.__seen = { dialogs: [], toasts: [] };
+  pinia._s.get("dialog").$onAction(({ name, args }) => {
+    if (name === "showDialog") window.__seen.dialogs.push({ key: args[0]?.key, title: args[0]?.title ?? null });
+  });
+  pinia._s.get("toast").$onAction(({ name, args }) => {
+    if (name === "add" || name === "addAlert") window.__seen.toasts.push({ name, message: JSON.stringify(args[0]) });
+  });
+  return pinia._s.get("dialog").dialogStack.map((d) => d.key);
+}
+
+// In the page: ComfyUI without its optional `spandrel` lacks UpscaleModelLoader, and the frontend (1.27.10) then
+// throws in modelToNodeStore.getRegisteredNodeTypes ("reading 'name'") whenever it builds a model combo, so
+// CheckpointLoaderSimple, ControlNetLoader, LoraLoader ... cannot even be created. Drop the providers whose
+// node is missing, as a complete ComfyUI would never have them. Returns the model folders it fixed.
+function pruneMissingModelProviders() {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  const store = pinia._s.get("modelToNode");
+  if (!store) return [];
+  store.registerDefaults();
+  const pruned = [];
+  for (const [folder, providers] of Object.entries(store.modelToNodeMap)) {
+    const kept = providers.filter((p) => p.nodeDef);
+    if (kept.length !== providers.length) {
+      pruned.push(folder);
+      store.modelToNodeMap[folder] = kept;
+    }
+  }
+  return pruned;
+}
+
+// In the page: a plain canvas for the docs image: full detail at any zoom, no fps counter, minimap or tab bar.
+async function plainCanvasSettings() {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  const settings = pinia._s.get("setting");
+  for (const [id, value] of Object.entries({ "LiteGraph.Canvas.MinFontSizeForLOD": 0, "Comfy.Graph.CanvasInfo": false,
+    "Comfy.Minimap.Visible": false, "Comfy.Workflow.WorkflowTabsPosition": "Sidebar" })) {
+    await settings.set(id, value);
+  }
+}
+
+function seen() {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  const errorToasts = [...document.querySelectorAll(".p-toast-message-error")].map((e) => e.innerText);
+  return { ...window.__seen, open: pinia._s.get("dialog").dialogStack.map((d) => d.key), errorToasts };
+}
+
+// In the page: build the guard's test graph. CheckpointLoaderSimple -> ApplyHyperLoRA -> KSampler, whose
+// positive comes from a prompt through ControlNetApplyAdvanced (which also carries the negative), and
+// HyperLoRAHook -> ConditioningSetProperties <- a second prompt.
+function buildGuardGraph({ positive, negative, hookPrompt }) {
+  const { app } = window.comfyAPI.app;
+  app.graph.clear();
+  const add = (type, pos, values = {}) => {
+    const node = LiteGraph.createNode(type);
+    node.pos = pos;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
+    return node;
+  };
+  const ckpt = add("CheckpointLoaderSimple", [0, 0]);
+  const loader = add("LoadHyperLoRA", [0, 250]);
+  const image = add("LoadImage", [0, 450]);
+  const identity = add("HyperLoRAFromImage", [350, 400]);
+  const apply = add("ApplyHyperLoRA", [700, 0]);
+  const pos = add("CLIPTextEncode", [350, 700], { text: positive });
+  const neg = add("CLIPTextEncode", [350, 950], { text: negative });
+  const cn = add("ControlNetLoader", [350, 1200]);
+  const cnApply = add("ControlNetApplyAdvanced", [800, 700]);
+  const sampler = add("KSampler", [1200, 0]);
+  const hook = add("HyperLoRAHook", [700, 1200]);
+  const hookText = add("CLIPTextEncode", [700, 1500], { text: hookPrompt });
+  const setProps = add("ConditioningSetProperties", [1200, 1200]);
+  const link = (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input));
+  link(ckpt, 0, apply, "model"); link(loader, 0, apply, "hyper_lora"); link(loader, 0, identity, "hyper_lora");
+  link(image, 0, identity, "image"); link(identity, 0, apply, "identity");
+  link(ckpt, 1, pos, "clip"); link(ckpt, 1, neg, "clip"); link(ckpt, 1, hookText, "clip");
+  link(pos, 0, cnApply, "positive"); link(neg, 0, cnApply, "negative"); link(cn, 0, cnApply, "control_net");
+  link(image, 0, cnApply, "image");
+  link(apply, 0, sampler, "model"); link(cnApply, 0, sampler, "positive"); link(cnApply, 1, sampler, "negative");
+  link(loader, 0, hook, "hyper_lora"); link(identity, 0, hook, "identity");
+  link(hookText, 0, setProps, "cond_NEW"); link(hook, 0, setProps, "hooks");
+  app.graph.setDirtyCanvas(true, true);
+  return { apply: apply.id, hook: hook.id, pos: pos.id, neg: neg.id, hookText: hookText.id };
+}
+
+// In the page: the guard's state on a node: its button (shown or not) and where it is on the screen.
+function guardState(id) {
+  const { app } = window.comfyAPI.app;
+  const node = app.graph.getNodeById(id);
+  const button = node.widgets.find((w) => w.name === "insert trigger words");
+  const rect = app.canvas.canvas.getBoundingClientRect();
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2,
+    node.pos[1] + button.y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
+  const dpr = window.devicePixelRatio || 1;
+  return { shown: !button.hidden, x: rect.left + x / dpr, y: rect.top + y / dpr };
+}
+
+const text = (id) => window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((w) => w.name === "text").value;
+
+async function settle(page) {
+  // a few frames, so the canvas draws and the guard (which checks while drawing) runs
+  await page.evaluate(() => window.comfyAPI.app.app.graph.setDirtyCanvas(true, true));
+  await page.waitForTimeout(450);
+  await page.evaluate(() => window.comfyAPI.app.app.graph.setDirtyCanvas(true, true));
+  await page.waitForTimeout(100);
+}
+
+async function clickGuard(page, id, screenshot) {
+  // bring the node into view (the guard checks while the node is drawn), then click its button with the mouse
+  await page.evaluate((n) => window.comfyAPI.app.app.canvas.centerOnNode(window.comfyAPI.app.app.graph.getNodeById(n)), id);
+  await settle(page);
+  if (screenshot) await page.screenshot({ path: screenshot });
+  const before = await page.evaluate(guardState, id);
+  await page.mouse.click(before.x, before.y);
+  await settle(page);
+  if (screenshot) await page.screenshot({ path: screenshot.replace(".png", "_fixed.png") });
+  return { before: before.shown, after: (await page.evaluate(guardState, id)).shown };
+}
+
+async function checkGuard(page, config, result) {
+  const missing = await page.evaluate(buildGuardGraph, {
+    positive: "portrait photo of a woman, studio light", negative: "blurry, lowres", hookPrompt: "a man on the left",
+  });
+  const apply = await clickGuard(page, missing.apply, path.join(config.tmp, "guard_missing.png"));
+  const texts = async () => ({ positive: await page.evaluate(text, missing.pos),
+    negative: await page.evaluate(text, missing.neg), hookPrompt: await page.evaluate(text, missing.hookText) });
+  const afterApply = await texts();
+  const hook = await clickGuard(page, missing.hook);
+  result.guard = { missing: { apply, hook, afterApply, afterHook: await texts() } };
+  // the words already there: no guard from the start
+  const present = await page.evaluate(buildGuardGraph, {
+    positive: `${config.words}, portrait photo of a woman`, negative: "blurry", hookPrompt: `${config.words}, a man`,
+  });
+  const shown = async (id) => {
+    await page.evaluate((n) => window.comfyAPI.app.app.canvas.centerOnNode(window.comfyAPI.app.app.graph.getNodeById(n)), id);
+    await settle(page);
+    return (await page.evaluate(guardState, id)).shown;
+  };
+  result.guard.present = { apply: await shown(present.apply), hook: await shown(present.hook) };
+  // the API prompt and the saved workflow carry nothing of the guard
+  result.guard.serialized = await page.evaluate(async (id) => {
+    const { app } = window.comfyAPI.app;
+    const { output, workflow } = await app.graphToPrompt();
+    return { inputs: Object.keys(output[String(id)].inputs),
+      widgets_values: workflow.nodes.find((n) => n.id === id).widgets_values };
+  }, present.apply);
+  return page.evaluate(() => window.comfyAPI.app.app.graph.serialize());
+}
+
+async function loadWorkflow(page, graph, screenshot) {
+  // load through the frontend as a user's drop would, then report what the app opened, showed and drew
+  await page.evaluate(() => { window.__seen = { dialogs: [], toasts: [] }; });
+  await page.evaluate((g) => window.comfyAPI.app.app.loadGraphData(g), graph);
+  await settle(page);
+  const state = {
+    ...(await page.evaluate(seen)),
+    nodes: await page.evaluate(() => window.comfyAPI.app.app.graph.nodes.length),
+    unknownTypes: await page.evaluate(() => window.comfyAPI.app.app.graph.nodes
+      .filter((n) => !(n.type in LiteGraph.registered_node_types)).map((n) => n.type)),
+    guardShown: await page.evaluate(() => window.comfyAPI.app.app.graph.nodes
+      .filter((n) => n.widgets?.some((w) => w.name === "insert trigger words" && !w.hidden)).map((n) => n.type)),
+  };
+  if (screenshot) {
+    // the graph alone, larger: no menus, side bar or canvas buttons
+    await page.setViewportSize({ width: 1600, height: 1000 });
+    const chrome = await page.addStyleTag({ content: "#comfyui-body-top, #comfyui-body-left, .minimap-main-container, "
+      + ".graph-canvas-container .p-buttongroup { display: none !important; }" });
+    await page.waitForTimeout(200);
+    await page.evaluate(() => {
+      const { app } = window.comfyAPI.app;
+      const rects = app.graph.nodes.map((n) => n.boundingRect);
+      const x = Math.min(...rects.map((r) => r[0])), y = Math.min(...rects.map((r) => r[1]));
+      const w = Math.max(...rects.map((r) => r[0] + r[2])) - x, h = Math.max(...rects.map((r) => r[1] + r[3])) - y;
+      app.canvas.ds.fitToBounds([x, y - 40, w, h + 40], { zoom: 0.97 });
+      app.canvas.setDirty(true, true);
+    });
+    await settle(page);
+    await page.screenshot({ path: screenshot });
+    await chrome.evaluate((style) => style.remove());
+    await page.setViewportSize(VIEWPORT);
+  }
+  return state;
+}
+
+async function main() {
+  const config = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+  const result = { tmp: config.tmp, pageErrors: [], consoleErrors: [], startupErrors: [], workflows: {} };
+  const profile = fs.mkdtempSync(path.join(os.tmpdir(), "hyperlora-chromium-"));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: config.chromium, headless: true, args: ARGS, viewport: VIEWPORT,
+  });
+  try {
+    const page = context.pages()[0] ?? (await context.newPage());
+    let ready = false;
+    page.on("pageerror", (e) => (ready ? result.pageErrors : result.startupErrors).push(e.message));
+    page.on("console", (m) => {
+      if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) {
+        (ready ? result.consoleErrors : result.startupErrors).push(m.text().slice(0, 400));
+      }
+    });
+    // a returning user: the first visit would load a blank graph and open the template browser, asynchronously
+    const tutorial = await fetch(new URL("api/settings/Comfy.TutorialCompleted", config.url), { method: "POST",
+      body: "true", headers: { "Content-Type": "application/json" } });
+    if (!tutorial.ok) throw new Error(`POST settings: HTTP ${tutorial.status}`);
+    const started = Date.now();
+    await page.goto(config.url);
+    // ready: our node types and extension are registered and the start-up default graph is on the canvas
+    await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph?.nodes.length && window.LiteGraph
+      ?.registered_node_types?.ApplyHyperLoRA && window.comfyAPI.app.app.extensions
+      ?.some((e) => e.name === "HyperLoRA.TriggerWordGuard"), null, { timeout: 30000 });
+    result.readyMs = Date.now() - started;
+    await page.waitForTimeout(500);
+    result.prunedModelProviders = await page.evaluate(pruneMissingModelProviders);
+    if (config.screenshot) await page.evaluate(plainCanvasSettings);
+    result.openAtStart = await page.evaluate(watchStores);
+    ready = true;
+
+    for (const file of config.workflows) {
+      const graph = JSON.parse(fs.readFileSync(file, "utf8"));
+      const shot = config.screenshot?.workflow === file ? config.screenshot.path : null;
+      result.workflows[file] = await loadWorkflow(page, graph, shot);
+    }
+    if (config.guard) {
+      const built = await checkGuard(page, config, result);
+      // with no example workflows yet, the guard's own graph (words present) stands in for one
+      if (!config.workflows.length) {
+        result.workflows["built: guard graph"] = await loadWorkflow(page, built, config.screenshot?.path);
+      }
+    }
+  } finally {
+    await context.close();
+    fs.rmSync(profile, { recursive: true, force: true });
+  }
+  process.stdout.write(JSON.stringify(result) + "\n");
+}
+
+main().catch((e) => { process.stderr.write(String(e?.stack ?? e) + "\n"); process.exit(1); });

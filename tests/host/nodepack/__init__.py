@@ -79,6 +79,21 @@ class HLTestTinyVAE:
         return (tiny.tiny_vae(seed),)
 
 
+class HLTestTinyControlNet:
+    """A CONTROL_NET for the tiny SDXL: what ControlNetLoader gives for an SDXL ControlNet, at tiny widths."""
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": SEED}}
+
+    def build(self, seed):
+        return (tiny.tiny_controlnet(seed),)
+
+
 class HLTestFaceImage:
     """A 640x640 dark photo with a painted face the antelopev2 doubles detect (or none, with face=False)."""
 
@@ -209,5 +224,5 @@ class HLTestLoadedModels:
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
-    HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestFaceImage, HLTestDumpWeights,
-    HLTestRecordWeights, HLTestLoadedModels)}
+    HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestTinyControlNet, HLTestFaceImage,
+    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels)}

@@ -81,6 +81,25 @@ def tiny_sd15(seed: int = 0):
     return _patcher(model)
 
 
+
+def tiny_controlnet(seed: int = 0):
+    """comfy.controlnet.ControlNet around comfy.cldm.cldm.ControlNet with the tiny SDXL's config (12 M params),
+    as ControlNetLoader builds it from an ldm-format SDXL ControlNet file; small random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+    import comfy.supported_models
+    import torch
+
+    supported = comfy.supported_models.SDXL(dict(TINY_SDXL_CONFIG))
+    supported.unet_config["num_head_channels"] = 16
+    config = {k: v for k, v in supported.unet_config.items() if k != "out_channels"}
+    model = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu",
+                                       operations=comfy.ops.disable_weight_init, **config)
+    randomise(model, seed, scale=0.02)
+    return comfy.controlnet.ControlNet(model, load_device=comfy.model_management.get_torch_device())
+
 def tiny_clip(seed: int = 0):
     """comfy.sd.CLIP around SDXL's two text encoders (sdxl_clip.SDXLClipModel) at width 32, real tokenizers."""
     import comfy.sd

@@ -29,14 +29,19 @@ LOADER = textwrap.dedent("""
 """)
 
 
-def test_comfyui_loads_the_package(tmp_path):
+def load_in_comfyui(tmp_path, script: str):
+    """Run ``script`` (ComfyUI path, package path) in a fresh interpreter; returns (last stdout line, run)."""
     package = tmp_path / "custom_nodes" / "ComfyUI-HyperLoRA"
     package.parent.mkdir()
     package.symlink_to(ROOT, target_is_directory=True)
-    run = subprocess.run([sys.executable, "-c", LOADER, COMFYUI, str(package)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", script, COMFYUI, str(package)], capture_output=True, text=True,
                          cwd=COMFYUI, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    result = run.stdout.strip().splitlines()[-1]
+    return run.stdout.strip().splitlines()[-1], run, package
+
+
+def test_comfyui_loads_the_package(tmp_path):
+    result, run, package = load_in_comfyui(tmp_path, LOADER)
     assert '"ok": true' in result, run.stderr[-3000:]
     assert f'"web": "{package / "web"}"' in result  # WEB_DIRECTORY served at /extensions/ComfyUI-HyperLoRA/
     assert "Error while calling comfy_entrypoint" not in run.stderr
@@ -59,13 +64,7 @@ MISSING = textwrap.dedent("""
 
 
 def test_missing_insightface_is_one_clear_line_and_the_nodes_still_load(tmp_path):
-    package = tmp_path / "custom_nodes" / "ComfyUI-HyperLoRA"
-    package.parent.mkdir()
-    package.symlink_to(ROOT, target_is_directory=True)
-    run = subprocess.run([sys.executable, "-c", MISSING, COMFYUI, str(package)], capture_output=True, text=True,
-                         cwd=COMFYUI, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = run.stdout.strip().splitlines()[-1]
+    result, run, _ = load_in_comfyui(tmp_path, MISSING)
     assert '"ok": true' in result and "ApplyHyperLoRA" in result and "HyperLoRAFromImage" in result
     lines = [line for line in run.stderr.splitlines() if "insightface is not installed" in line]
     assert len(lines) == 1 and "pip install insightface" in lines[0]

@@ -18,26 +18,31 @@ from .lora_io import lora_prefixes
 from .resampler import normalize_tokens
 
 
+def combine_by_rank(terms: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """The LoRA whose delta is exactly Σ w·ΔW over (lora, w) terms: ranks concatenated, w·alpha/r folded into up."""
+    prefixes = lora_prefixes(terms[0][0])
+    if any(set(lora_prefixes(lora)) != set(prefixes) for lora, _ in terms[1:]):
+        raise ValueError("the LoRAs target different layers; make them with the same checkpoint and key format")
+    out: dict[str, torch.Tensor] = {}
+    for p in prefixes:
+        downs, ups = [], []
+        for lora, weight in terms:
+            down = lora[p + ".lora_down.weight"].float()
+            rank = down.shape[0]
+            alpha = float(lora[p + ".alpha"]) if p + ".alpha" in lora else float(rank)
+            downs.append(down)
+            ups.append(lora[p + ".lora_up.weight"].float() * (weight * alpha / rank))
+        down = torch.cat(downs, dim=0)
+        out[p + ".lora_down.weight"] = down
+        out[p + ".lora_up.weight"] = torch.cat(ups, dim=1)
+        out[p + ".alpha"] = torch.tensor(float(down.shape[0]))  # scale 1: the factors are folded into up
+    return out
+
+
 def lora_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], strength: float = 1.0,
                     ) -> dict[str, torch.Tensor]:
     """The rank-(r_a + r_b) LoRA whose delta is exactly ``strength · (ΔW_a − ΔW_b)``."""
-    prefixes = lora_prefixes(a)
-    if set(prefixes) != set(lora_prefixes(b)):
-        raise ValueError("the two LoRAs target different layers; make both with the same checkpoint and key format")
-    out: dict[str, torch.Tensor] = {}
-    for p in prefixes:
-        parts = []
-        for lora, sign in ((a, 1.0), (b, -1.0)):
-            down = lora[p + ".lora_down.weight"].float()
-            up = lora[p + ".lora_up.weight"].float()
-            rank = down.shape[0]
-            alpha = float(lora[p + ".alpha"]) if p + ".alpha" in lora else float(rank)
-            parts.append((down, up * (sign * strength * alpha / rank)))
-        down = torch.cat([d for d, _ in parts], dim=0)
-        out[p + ".lora_down.weight"] = down
-        out[p + ".lora_up.weight"] = torch.cat([u for _, u in parts], dim=1)
-        out[p + ".alpha"] = torch.tensor(float(down.shape[0]))  # scale 1: the factors are folded into up
-    return out
+    return combine_by_rank([(a, strength), (b, -strength)])
 
 
 def _check_same_source(identities: Sequence[Identity]) -> None:

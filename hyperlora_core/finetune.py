@@ -18,30 +18,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .arithmetic import combine_by_rank
 from .identity import Identity
-from .lora_io import lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
 from .topology import LINEARS
 
 
 def concat_by_rank(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA whose delta is exactly ΔW_a + ΔW_b: ranks concatenated, each side's alpha/r folded into up."""
-    if set(lora_prefixes(a)) != set(lora_prefixes(b)):
-        raise ValueError("the two LoRAs target different layers")
-    out: dict[str, torch.Tensor] = {}
-    for p in lora_prefixes(a):
-        downs, ups = [], []
-        for lora in (a, b):
-            down, up = lora[p + ".lora_down.weight"].float(), lora[p + ".lora_up.weight"].float()
-            alpha = float(lora[p + ".alpha"]) if p + ".alpha" in lora else float(down.shape[0])
-            downs.append(down)
-            ups.append(up * (alpha / down.shape[0]))
-        down = torch.cat(downs, dim=0)
-        out[p + ".lora_down.weight"] = down
-        out[p + ".lora_up.weight"] = torch.cat(ups, dim=1)
-        out[p + ".alpha"] = torch.tensor(float(down.shape[0]))
-    return out
+    """The LoRA whose delta is exactly ΔW_a + ΔW_b (the rank-relaxed result: prediction plus residual)."""
+    return combine_by_rank([(a, 1.0), (b, 1.0)])
 
 
 class ResidualLoRA(nn.Module):

@@ -1,28 +1,54 @@
-"""Building blocks of fast refinement (HyperDreamBooth-style), pure torch; the training loop lives with the host.
+"""The two trainable parametrisations of fast refinement (HyperDreamBooth-style), pure torch.
 
-Two trainable parametrisations of an identity's LoRA, both giving per-layer weight deltas with autograd:
+Both are strategies with one interface (:class:`Parametrisation`): per-linear weight deltas with autograd
+(``delta(i)``), the trainable ``parameters()``, ``after_step()`` after each optimiser step and ``result()``.
 
-* :class:`CoefficientLoRA` trains the coefficient tokens themselves and mixes the (frozen) bases on every
-  call; tokens are re-normalised per token after each optimiser step, so the result stays in the method's
-  space and is still a small identity.
-* :class:`ResidualLoRA` keeps the predicted LoRA frozen and trains a zero-initialised residual of rank r on
-  the same linears; :func:`concat_by_rank` then folds both into one LoRA file.
+* :class:`CoefficientLoRA` (mode ``coefficients``) trains the coefficient tokens themselves and mixes the
+  frozen bases on every call; tokens are re-normalised per token after each optimiser step, so the result
+  stays in the method's space and is still a small identity.
+* :class:`RankRelaxed` (mode ``rank_relaxed``) keeps the predicted LoRA frozen and trains a zero-initialised
+  :class:`ResidualLoRA` of rank r on the same linears; :func:`concat_by_rank` folds both into one LoRA.
 
 Letters: ``k`` basis size, ``a``/``b`` the two sides of a basis matrix, ``r`` rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .arithmetic import combine_by_rank
 from .identity import Identity
+from .lora_io import lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
 from .topology import LINEARS
+
+
+@dataclass
+class RefineResult:
+    """What a refinement gives back."""
+
+    lora: dict[str, torch.Tensor]  # the refined LoRA, in the prediction's key format
+    identity: Identity | None  # the refined identity (coefficients), None where the result is a LoRA only
+
+
+class Parametrisation(Protocol):
+    """A trainable form of an identity's LoRA on the linears ``prefixes`` (json order, then q, k, v, out)."""
+
+    prefixes: list[str]
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def delta(self, index: int) -> torch.Tensor: ...  # [out, in] weight delta of linear ``index``, differentiable
+
+    def after_step(self) -> None: ...  # after each optimiser step
+
+    def result(self) -> RefineResult: ...
 
 
 def concat_by_rank(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,14 +85,52 @@ class ResidualLoRA(nn.Module):
         return out
 
 
-class CoefficientLoRA(nn.Module):
-    """Trainable coefficient tokens over frozen bases; ``delta(i)`` is differentiable in the tokens."""
+class RankRelaxed(nn.Module):
+    """The frozen prediction plus a trainable zero-initialised residual of rank ``rank`` on each of its linears."""
 
-    def __init__(self, hyperlora: HyperLoRA, identity: Identity, prefixes: Sequence[str],
+    def __init__(self, predicted: dict[str, torch.Tensor], rank: int = 4, *, seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
+        self.predicted = predicted
+        self.prefixes = lora_prefixes(predicted)
+        ups, downs, shapes = [], [], {}
+        for p in self.prefixes:
+            down = predicted[p + ".lora_down.weight"].detach().float().clone()  # never an inference tensor
+            alpha = float(predicted[p + ".alpha"]) if p + ".alpha" in predicted else down.shape[0]
+            up = predicted[p + ".lora_up.weight"].detach().float().clone() * (alpha / down.shape[0])
+            ups.append(up.to(device))
+            downs.append(down.to(device))
+            shapes[p] = (up.shape[0], down.shape[1])
+        self._ups, self._downs = ups, downs  # frozen, not parameters
+        self.residual = ResidualLoRA(shapes, rank, seed=seed).to(device)
+
+    def delta(self, index: int) -> torch.Tensor:
+        """ΔW_pred + ΔW_residual as one product of the rank-concatenated factors."""
+        up = torch.cat([self._ups[index], self.residual.up[index]], dim=1)
+        down = torch.cat([self._downs[index], self.residual.down[index]], dim=0)
+        return up @ down
+
+    def after_step(self) -> None:
+        pass
+
+    def result(self) -> RefineResult:
+        return RefineResult(concat_by_rank(self.predicted, self.residual.state_dict_lora()), None)
+
+
+class CoefficientLoRA(nn.Module):
+    """Trainable coefficient tokens over frozen bases; ``delta(i)`` is differentiable in the tokens.
+
+    The bases stay in the checkpoint's dtype on ``device`` (about 2.8 GiB at released size in fp16) and are
+    widened to float32 one linear at a time.
+    """
+
+    def __init__(self, hyperlora: HyperLoRA, identity: Identity, prefixes: Sequence[str],
+                 device: torch.device | str = "cpu", *, key_format: str = "comfy",
+                 lora_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
         identity.check_compatible(hyperlora.fingerprint, hyperlora.module_names)
-        self.identity = identity
+        self.hyperlora, self.identity = hyperlora, identity
+        self.key_format, self.lora_dtype = key_format, lora_dtype
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone().to(device))
         self.prefixes = list(prefixes)  # one per (module, linear), json order then q, k, v, out
         basis = hyperlora.checkpoint.files["basis"]
@@ -74,8 +138,8 @@ class CoefficientLoRA(nn.Module):
         downs, ups = [], []
         for i in range(len(hyperlora.module_names)):
             for linear, _, _ in LINEARS:
-                downs.append(basis.tensor(f"{i}.{linear}.id_down_basis").to(device, torch.float32))
-                ups.append(basis.tensor(f"{i}.{linear}.id_up_basis").to(device, torch.float32))
+                downs.append(basis.tensor(f"{i}.{linear}.id_down_basis").to(device))
+                ups.append(basis.tensor(f"{i}.{linear}.id_up_basis").to(device))
         if len(downs) != len(self.prefixes):
             raise ValueError(f"{len(self.prefixes)} prefixes for {len(downs)} target linears")
         self._downs, self._ups = downs, ups  # frozen, not parameters
@@ -85,8 +149,8 @@ class CoefficientLoRA(nn.Module):
         module, j = divmod(index, len(LINEARS))
         a = self.tokens[8 * module + 2 * j]
         b = self.tokens[8 * module + 2 * j + 1]
-        down = torch.einsum("k,kir->ir", a, self._downs[index])  # [in, r]
-        up = torch.einsum("k,kro->ro", b, self._ups[index])  # [r, out]
+        down = torch.einsum("k,kir->ir", a, self._downs[index].float())  # [in, r]
+        up = torch.einsum("k,kro->ro", b, self._ups[index].float())  # [r, out]
         return self.scale * (up.t() @ down.t())
 
     @torch.no_grad()
@@ -94,7 +158,16 @@ class CoefficientLoRA(nn.Module):
         """Back onto the unit sphere per token, as the resampler's output is."""
         self.tokens.copy_(normalize_tokens(self.tokens))
 
+    def after_step(self) -> None:
+        self.renormalize()
+
     def to_identity(self) -> Identity:
         refined = self.identity.with_tokens(self.tokens.detach().cpu().clone(), self.identity.base_tokens)
         refined.meta["refined"] = "coefficients"
         return refined
+
+    def result(self) -> RefineResult:
+        refined = self.to_identity()
+        lora = self.hyperlora.identity_to_lora(refined, key_format=self.key_format,
+                                              dtype=self.lora_dtype or torch.float32)
+        return RefineResult(lora, refined)

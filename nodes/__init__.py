@@ -28,9 +28,10 @@ class HyperLoRAExtension(ComfyExtension):
         from .hook import HyperLoRAHook
         from .identity import HyperLoRAFromImage
         from .loader import LoadHyperLoRA
+        from .refine import HyperLoRARefine
         from .slider import ConceptSlider
         from .storage import LoadHyperLoRAIdentity, SaveHyperLoRA, SaveHyperLoRAIdentity
 
         report_missing()
         return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
-                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook]
+                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine]

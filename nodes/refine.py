@@ -1,0 +1,102 @@
+"""HyperLoRARefine: a few dozen HyperDreamBooth-style fine-tuning steps seeded by the HyperLoRA prediction."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw
+
+from ..hyperlora_core.refine import MODES, RefineConfig
+from .training import PRECISIONS, refine
+from .types import CATEGORY, HyperLoRAType, IdentityType
+
+log = logging.getLogger(__name__)
+
+
+def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
+    """The loss per step as an IMAGE [1, H, W, 3]: each step grey, a running mean black, first and last in text."""
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    if losses:
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+        pad = 16
+
+        def xy(i: int, v: float) -> tuple[float, float]:
+            return (pad + (width - 2 * pad) * i / max(1, len(losses) - 1),
+                    height - pad - (height - 2 * pad) * (v - lo) / span)
+
+        smooth, acc = [], losses[0]
+        for v in losses:
+            acc = 0.8 * acc + 0.2 * v
+            smooth.append(acc)
+        if len(losses) > 1:
+            draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 170, 170), width=1)
+            draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(0, 0, 0), width=2)
+        draw.text((pad, 2), f"loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} steps)", fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+class HyperLoRARefine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HyperLoRARefine",
+            display_name="HyperLoRA Refine",
+            category=CATEGORY,
+            description="A few dozen fine-tuning steps on the reference photos, starting from the HyperLoRA "
+                        "prediction (HyperDreamBooth-style). The incoming MODEL is never changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL model to fine-tune against (it is not changed)."),
+                io.Vae.Input("vae", tooltip="The model's VAE: it encodes the reference photos into latents."),
+                io.Conditioning.Input("positive", tooltip="The training prompt (CLIP Text Encode); it should contain "
+                                                          "the trigger words 'fcsks fxhks fhyks'."),
+                HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
+                IdentityType.Input("identity", tooltip="The predicted identity to start from."),
+                io.Image.Input("image", tooltip="Reference photos of the person (a batch). They are resized to "
+                                                "'resolution' and, for augmentation, flipped and slightly cropped."),
+                io.Combo.Input("mode", options=list(MODES), default="rank_relaxed",
+                               tooltip="rank_relaxed: keep the prediction and train a rank-r residual LoRA (the "
+                                       "result is one LoRA). coefficients: train the identity's own coefficients "
+                                       "(the result is still a small identity file)."),
+                io.Int.Input("steps", default=50, min=1, max=5000, tooltip="Optimiser steps; about 50 is enough."),
+                io.Float.Input("lr", default=1e-3, min=1e-6, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate."),
+                io.Int.Input("rank", default=4, min=1, max=128,
+                             tooltip="Rank of the residual LoRA (rank_relaxed only)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the noise, timesteps, augmentation and the residual's start; the "
+                                     "same seed gives the same result."),
+                io.Int.Input("batch_size", default=1, min=1, max=16,
+                             tooltip="Noised latents per step; their timesteps are spread over the schedule."),
+                io.Int.Input("resolution", default=1024, min=256, max=2048, step=64,
+                             tooltip="The references are resized to about resolution × resolution pixels, aspect "
+                                     "kept (SDXL was trained at 1024)."),
+                io.Combo.Input("precision", options=PRECISIONS, default="auto",
+                               tooltip="auto: bf16 on GPUs that support it, otherwise the model's own dtype. "
+                                       "fp32 is slowest and most exact."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, about "
+                                         "30 % slower."),
+            ],
+            outputs=[
+                IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode); "
+                                                                     "in rank_relaxed mode the input identity."),
+                io.LoraModel.Output(display_name="lora", tooltip="The refined LoRA (ComfyUI keys): connect it to "
+                                                                 "Load LoRA Model, or Save LoRA Weights."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, positive, hyper_lora, identity, image, mode, steps, lr, rank, seed, batch_size=1,
+                resolution=1024, precision="auto", gradient_checkpointing=True) -> io.NodeOutput:
+        config = RefineConfig(mode=mode, steps=steps, lr=lr, rank=rank, seed=seed, batch=batch_size,
+                              resolution=resolution)
+        result, losses = refine(model, vae, positive, hyper_lora, identity, image, config, precision=precision,
+                                checkpointing=gradient_checkpointing)
+        log.info("HyperLoRA refine (%s): loss %.4g -> %.4g over %d steps", mode, losses[0], losses[-1], len(losses))
+        return io.NodeOutput(result.identity or identity, result.lora, loss_curve_image(losses))

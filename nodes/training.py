@@ -1,0 +1,210 @@
+"""ComfyUI's side of fast refinement: trainable weight wrappers on a clone, the denoiser, the training loop's host.
+
+The identity's LoRA is not merged: each target weight of a ``clone()`` of the MODEL gets a weight wrapper (as
+ComfyUI's own TrainLoraNode does) that adds the parametrisation's differentiable delta during the forward pass.
+The denoiser is the guider's model wrapper (conds processed as for sampling), which predicts x0; the loss is taken
+in the model's own output space through ``model_sampling`` (see ``hyperlora_core.refine.denoising_loss``), so eps,
+v-prediction and flow models are handled alike. Nothing of a run stays on the incoming MODEL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import comfy.model_management as mm
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.utils.checkpoint
+
+from ..hyperlora_core.finetune import CoefficientLoRA, Parametrisation, RankRelaxed, RefineResult
+from ..hyperlora_core.lora_io import lora_prefixes
+from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
+from .apply import check_model, lora_dtype, make_lora
+
+log = logging.getLogger(__name__)
+PRECISIONS = ["auto", "bf16", "fp32"]
+
+
+class _Delta:
+    """Weight wrapper: ``weight + delta(index)``, differentiable in the parametrisation's parameters."""
+
+    def __init__(self, param: Parametrisation, index: int) -> None:
+        self.param, self.index = param, index
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.param.delta(self.index).to(weight.device, weight.dtype)
+
+
+def _thaw(weight: torch.Tensor) -> torch.Tensor:
+    """Weight wrapper for frozen weights: tensors made in inference mode cannot be saved for backward."""
+    return weight.clone() if weight.is_inference() else weight
+
+
+def wrapped_clone(model, param: Parametrisation):
+    """A clone of ``model`` whose target weights add the parametrisation's deltas; every other weight is thawed."""
+    mp = model.clone()
+    targets = set()
+    for index, prefix in enumerate(param.prefixes):
+        mp.add_weight_wrapper(prefix + ".weight", _Delta(param, index))
+        targets.add(prefix + ".weight")
+    for name, module in mp.model.named_modules():
+        for kind in ("weight", "bias"):
+            key = f"{name}.{kind}"
+            if hasattr(module, kind + "_function") and getattr(module, kind, None) is not None and key not in targets:
+                mp.add_weight_wrapper(key, _thaw)
+    return mp
+
+
+def release(mp) -> None:
+    """Unload this clone (restoring its object patches) and take its wrappers off the modules it shares with the
+    incoming MODEL (ComfyUI clears weight functions on unload only for partially loaded models)."""
+    for i in reversed(range(len(mm.current_loaded_models))):
+        if mm.current_loaded_models[i].model is mp:
+            mm.current_loaded_models.pop(i).model_unload()
+    ours = {id(f) for fs in mp.weight_wrapper_patches.values() for f in fs}
+    for module in mp.model.modules():
+        for attr in ("weight_function", "bias_function"):
+            fs = getattr(module, attr, None)
+            if fs:
+                setattr(module, attr, [f for f in fs if id(f) not in ours])
+    mp.weight_wrapper_patches = {}
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Recompute each UNet block's activations in the backward pass instead of keeping them (restored after)."""
+    blocks = []
+    if enabled:
+        for name in ("input_blocks", "middle_block", "output_blocks"):
+            part = getattr(diffusion_model, name, None)
+            if isinstance(part, torch.nn.ModuleList):
+                blocks.extend(part)
+            elif isinstance(part, torch.nn.Module):
+                blocks.append(part)
+    originals = [block.forward for block in blocks]
+
+    def checkpointed(forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    try:
+        for block, forward in zip(blocks, originals, strict=True):
+            block.forward = checkpointed(forward)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+class _Once(comfy.samplers.Sampler):
+    """A 'sampler' that hands the guider's model wrapper to ``body`` once, inside the sampling context."""
+
+    def __init__(self, body: Callable) -> None:
+        self.body = body
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.body(model_wrap, extra_args, latent_image)
+        return torch.zeros_like(latent_image)
+
+
+def with_denoiser(mp, positive, latents: torch.Tensor, body: Callable) -> None:
+    """``body(model_wrap, extra_args, model-space latents)`` with conds processed and the model loaded."""
+    import comfy_extras.nodes_custom_sampler as custom
+
+    guider = custom.Guider_Basic(mp)
+    guider.set_conds(positive)
+    guider.sample(torch.zeros_like(latents), latents, _Once(body), torch.ones(2), disable_pbar=True, seed=0)
+
+
+def batch_loss(model_wrap, extra_args, latents: torch.Tensor, generator: torch.Generator, batch: int,
+               dtype: torch.dtype | None) -> torch.Tensor:
+    """The denoising loss of one seeded batch, in the model's own output space (ε, v, ...)."""
+    ms = model_wrap.inner_model.model_sampling
+    b = draw_batch(latents, generator, batch)
+    sigmas = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in b.percent], device=latents.device)
+    xt = ms.noise_scaling(sigmas, b.noise, b.x0, False)
+    x0 = ms.noise_scaling(torch.zeros_like(sigmas), torch.zeros_like(b.noise), b.x0, False)
+    ones = torch.ones((batch, 1, 1, 1), device=latents.device)
+    out_scale = ms.calculate_denoised(sigmas, ones, torch.zeros_like(ones)).abs().flatten()
+    with torch.autocast(latents.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        x0_pred = model_wrap(xt, sigmas, **extra_args)
+    return denoising_loss(x0_pred, x0, out_scale)
+
+
+def encode(vae, images: torch.Tensor, config: RefineConfig) -> torch.Tensor:
+    """VAE latents (VAE space, float32) of the references' training views."""
+    views = reference_views(images, config)
+    latents = torch.cat([vae.encode(views[i:i + 4]) for i in range(0, views.shape[0], 4)])
+    return latents.detach().float().clone()
+
+
+def held_out_loss(model, positive, latents: torch.Tensor, seed: int, batches: int = 4, batch: int = 4) -> float:
+    """Mean denoising loss of ``model`` on ``latents`` over seeded noise and timesteps (evaluation, no grad)."""
+    losses: list[float] = []
+
+    def body(model_wrap, extra_args, x):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            losses.extend(float(batch_loss(model_wrap, extra_args, x, g, batch, None)) for _ in range(batches))
+
+    with torch.inference_mode(False):
+        with_denoiser(model, positive, latents, body)
+    return sum(losses) / len(losses)
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where asked, or (auto) where the device runs it natively; None: the model's own dtype."""
+    if precision not in PRECISIONS:
+        raise RefineInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or device.type == "cpu":
+        return None
+    if precision == "bf16" or mm.should_use_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def _parametrisation(handle, identity, predicted, config: RefineConfig, device) -> Parametrisation:
+    if config.mode == "coefficients":
+        return CoefficientLoRA(handle.core, identity, lora_prefixes(predicted), device,
+                               key_format="comfy", lora_dtype=lora_dtype(handle))
+    return RankRelaxed(predicted, config.rank, seed=config.seed, device=device)
+
+
+def refine(model, vae, positive, handle, identity, images: torch.Tensor, config: RefineConfig, *,
+           precision: str = "auto", checkpointing: bool = True) -> tuple[RefineResult, list[float]]:
+    """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched."""
+    predicted = make_lora(handle, identity, "id", key_format="comfy")
+    check_model(model, predicted)
+    device = mm.get_torch_device()
+    dtype = training_dtype(precision, device)
+    mp = None
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            latents = encode(vae, images, config)
+            param = _parametrisation(handle, identity, predicted, config, device)
+            mp = wrapped_clone(model, param)
+            if dtype is not None:
+                mp.set_model_compute_dtype(dtype)
+            mm.load_models_gpu([mp], memory_required=mm.get_total_memory(device), force_full_load=True)
+            pbar = comfy.utils.ProgressBar(config.steps)
+            losses: list[float] = []
+
+            def body(model_wrap, extra_args, x):
+                losses.extend(train(param, config, lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch,
+                                                                        dtype),
+                                    on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
+                                    check_interrupt=mm.throw_exception_if_processing_interrupted))
+
+            with gradient_checkpointing(mp.model.diffusion_model, checkpointing):
+                with_denoiser(mp, positive, latents, body)
+        finally:
+            if mp is not None:
+                release(mp)
+                del mp
+            mm.soft_empty_cache()
+    return param.result(), losses

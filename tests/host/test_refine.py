@@ -1,0 +1,231 @@
+"""Host tier: HyperLoRARefine on the tiny SDXL-topology model, in-process on the CPU.
+
+The pack is imported as a package (its nodes use relative imports); the MODEL, VAE and CLIP are the tiny ones built
+from ComfyUI's own classes, the HyperLoRA a synthetic checkpoint for that UNet.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfy_server import show
+from nodepack import tiny
+
+from hyperlora_core import UNetSpec, load_hyperlora, lora_delta
+from hyperlora_core.lora_io import lora_prefixes
+from hyperlora_core.refine import RefineConfig, draw_batch
+from hyperlora_core.synthetic import write_checkpoint
+
+HOST_UNET = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "a photo of fcsks fxhks fhyks, portrait"
+STEPS = 30
+LR = {"rank_relaxed": 1e-2, "coefficients": 1e-2}
+
+
+def _pack_module(name: str):
+    package = "hyperlora_pack_under_test"
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(package, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.nodes.{name}")
+
+
+def _photos(side: int = 64) -> torch.Tensor:
+    """Two smooth 'photos' (low-frequency patterns): flips and crops give different but related views."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    return torch.stack([torch.stack([0.5 + 0.4 * torch.sin(6 * xx + k), 0.5 + 0.4 * torch.cos(5 * yy - k),
+                                     0.5 + 0.3 * torch.sin(4 * (xx + yy) + 2 * k)], dim=-1) for k in (0.0, 1.3)])
+
+
+@pytest.fixture(scope="module")
+def setup(comfy, tmp_path_factory):
+    training = _pack_module("training")
+    folder = write_checkpoint(tmp_path_factory.mktemp("ckpt"), unet=HOST_UNET, base=False)
+    hl = load_hyperlora(folder, unet=HOST_UNET)
+    g = torch.Generator().manual_seed(0)
+    clip_tokens = torch.randn(1, 257, 1024, generator=g)
+    arc = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
+    identity = hl.predict_identity(clip_tokens=clip_tokens, id_embeds=arc)
+    clip = tiny.tiny_clip(seed=0)
+    model = tiny.tiny_sdxl(seed=0)
+    pristine = {k: v.clone() for k, v in model.model.state_dict().items()}
+    return SimpleNamespace(training=training, handle=SimpleNamespace(core=hl), identity=identity, model=model,
+                           positive=clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT)),
+                           vae=tiny.tiny_vae(seed=0, scale=1.0), images=_photos(), pristine=pristine)
+
+
+def _config(mode: str, seed: int = 0, steps: int = STEPS, **kw) -> RefineConfig:
+    return RefineConfig(mode=mode, steps=steps, lr=kw.pop("lr", LR[mode]), rank=4, seed=seed, batch=4,
+                        resolution=64, **kw)
+
+
+def _run(s, config: RefineConfig, **kw):
+    return s.training.refine(s.model, s.vae, s.positive, s.handle, s.identity, s.images, config, **kw)
+
+
+def _assert_untouched(comfy, s):
+    """No patch, wrapper or weight function of the run is left, and once unloaded the weights are the originals."""
+    model = s.model
+    assert not model.patches and not model.weight_wrapper_patches and not model.object_patches
+    leftovers = [n for n, m in model.model.named_modules()
+                 if getattr(m, "weight_function", None) or getattr(m, "bias_function", None)]
+    assert not leftovers, leftovers[:3]
+    comfy.model_management.unload_all_models()
+    now = model.model.state_dict()
+    changed = [k for k, v in s.pristine.items() if not torch.equal(now[k], v)]
+    assert not changed, changed[:3]
+
+
+def _with_lora(comfy, model, lora):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    return patched
+
+
+@pytest.mark.parametrize("mode", ["rank_relaxed", "coefficients"])
+def test_refine_learns_generalises_and_leaves_the_model(comfy, setup, mode):
+    s = setup
+    result, losses = _run(s, _config(mode))
+    assert len(losses) == STEPS
+    _assert_untouched(comfy, s)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    show(f"\n{mode}: mean training loss, first 10 steps {first:.5f}, last 10 {last:.5f}")
+    assert last < first
+
+    # held out: other noise seeds (so other noise and timesteps), the references without augmentation
+    latents = s.training.encode(s.vae, s.images, RefineConfig(resolution=64, augment=False))
+    predicted = s.training.make_lora(s.handle, s.identity, "id", key_format="comfy")
+    held_out = [101, 202, 303]
+    base = [s.training.held_out_loss(_with_lora(comfy, s.model, predicted), s.positive, latents, k) for k in held_out]
+    ours = [s.training.held_out_loss(_with_lora(comfy, s.model, result.lora), s.positive, latents, k)
+            for k in held_out]
+    show(f"{mode}: held-out loss, prediction {sum(base) / 3:.5f}, refined {sum(ours) / 3:.5f}")
+    assert sum(ours) < sum(base)
+    _assert_untouched(comfy, s)
+
+    p = lora_prefixes(result.lora)[0]
+    if mode == "rank_relaxed":
+        assert result.identity is None
+        assert result.lora[p + ".lora_down.weight"].shape[0] == 4 + predicted[p + ".lora_down.weight"].shape[0]
+    else:
+        assert result.identity.meta.get("refined") == "coefficients"
+        norms = result.identity.tokens.float().norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+        assert not torch.allclose(lora_delta(result.lora, p), lora_delta(predicted, p))
+
+
+def test_same_seed_same_result(comfy, setup):
+    s = setup
+    a, la = _run(s, _config("rank_relaxed", seed=3, steps=4))
+    b, lb = _run(s, _config("rank_relaxed", seed=3, steps=4))
+    c, _ = _run(s, _config("rank_relaxed", seed=4, steps=4))
+    assert la == lb
+    assert all(torch.equal(a.lora[k], b.lora[k]) for k in a.lora)
+    assert any(not torch.equal(a.lora[k], c.lora[k]) for k in a.lora)
+    _assert_untouched(comfy, s)
+
+
+def test_checkpointing_gives_the_same_losses(comfy, setup):
+    """Gradient checkpointing only recomputes: the same run with and without it gives the same losses."""
+    s = setup
+    _, with_ckpt = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=True)
+    _, without = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=False)
+    assert max(abs(a - b) for a, b in zip(with_ckpt, without, strict=True)) <= 1e-5 * max(with_ckpt)
+    assert not [m for m in s.model.model.modules() if "forward" in m.__dict__]
+    _assert_untouched(comfy, s)
+
+
+@pytest.mark.parametrize("sampling", ["eps", "v_prediction"])
+def test_loss_is_the_textbook_loss_of_the_models_own_type(comfy, setup, sampling):
+    """Against an independent computation from the UNet's raw output: ε-MSE for eps, v-MSE (v = α·ε − s·x0 with
+    α = 1/√(1+σ²), s = σ/√(1+σ²)) for v-prediction."""
+    import comfy_extras.nodes_model_advanced as advanced
+
+    s = setup
+    model = advanced.ModelSamplingDiscrete().patch(s.model, sampling, False)[0]
+    latents = s.training.encode(s.vae, s.images, RefineConfig(resolution=64, augment=False))
+    raw: list[torch.Tensor] = []
+    hook = model.model.diffusion_model.register_forward_hook(lambda m, i, o: raw.append(o.detach().clone()))
+    ours: list[float] = []
+    drawn = []
+
+    def body(model_wrap, extra_args, x):
+        ms = model_wrap.inner_model.model_sampling
+        with torch.no_grad():
+            ours.append(float(s.training.batch_loss(model_wrap, extra_args, x, torch.Generator().manual_seed(7), 4,
+                                                    None)))
+        b = draw_batch(x, torch.Generator().manual_seed(7), 4)
+        sigmas = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in b.percent]).view(-1, 1, 1, 1)
+        drawn.append((b, sigmas))
+
+    try:
+        with torch.inference_mode(False):
+            s.training.with_denoiser(model, s.positive, latents, body)
+    finally:
+        hook.remove()
+    (b, sigma), = drawn
+    alpha, sin = 1 / torch.sqrt(1 + sigma ** 2), sigma / torch.sqrt(1 + sigma ** 2)
+    target = b.noise if sampling == "eps" else alpha * b.noise - sin * b.x0
+    reference = float(torch.mean((raw[0].double() - target.double()) ** 2))
+    wrong = float(torch.mean((raw[0].double() - (b.x0 if sampling == "eps" else b.noise).double()) ** 2))
+    show(f"\n{sampling}: ours {ours[0]:.6f}, reference {reference:.6f}, a wrong target {wrong:.6f}")
+    assert abs(ours[0] - reference) <= 1e-4 * reference
+    assert abs(wrong - reference) > 1e-2 * reference
+    _assert_untouched(comfy, s)
+
+
+def test_node_schema_and_outputs(comfy, setup):
+    s = setup
+    node = _pack_module("refine").HyperLoRARefine
+    schema = node.define_schema()
+    assert all(i.tooltip for i in schema.inputs)
+    out = node.execute(s.model, s.vae, s.positive, s.handle, s.identity, s.images, "rank_relaxed", 3, 1e-3, 2, 0,
+                       resolution=256)
+    identity, lora, curve = out.result
+    assert identity is s.identity and len(lora_prefixes(lora)) == 560
+    assert curve.shape == (1, 256, 512, 3) and float(curve.min()) < 0.5
+    _assert_untouched(comfy, s)
+
+
+def test_interrupt_leaves_the_model_unpatched(comfy, setup, monkeypatch):
+    s = setup
+    calls = {"n": 0}
+    real = comfy.model_management.throw_exception_if_processing_interrupted
+
+    def interrupt_on_third():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise comfy.model_management.InterruptProcessingException()
+        real()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_on_third)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _run(s, _config("rank_relaxed", steps=10))
+    assert calls["n"] == 3
+    _assert_untouched(comfy, s)
+
+
+def test_bad_inputs_are_named(comfy, setup):
+    s = setup
+    # the pack's own copy of hyperlora_core raises them: match on the class name
+    with pytest.raises(ValueError, match="32×32 pixels") as small:
+        s.training.refine(s.model, s.vae, s.positive, s.handle, s.identity, s.images[:, :32, :32],
+                          _config("rank_relaxed", steps=1))
+    assert type(small.value).__name__ == "RefineInputError"
+    with pytest.raises(ValueError, match="SDXL") as other:
+        s.training.refine(tiny.tiny_sd15(seed=0), s.vae, s.positive, s.handle, s.identity, s.images,
+                          _config("rank_relaxed", steps=1))
+    assert type(other.value).__name__ == "ModuleMismatchError"
+    with pytest.raises(ValueError, match="precision") as precision:
+        _run(s, _config("rank_relaxed", steps=1), precision="fp8")
+    assert type(precision.value).__name__ == "RefineInputError"
+    _assert_untouched(comfy, s)

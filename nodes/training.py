@@ -139,7 +139,8 @@ def batch_loss(model_wrap, extra_args, latents: torch.Tensor, generator: torch.G
 def encode(vae, images: torch.Tensor, config: RefineConfig) -> torch.Tensor:
     """VAE latents (VAE space, float32) of the references' training views."""
     views = reference_views(images, config)
-    latents = torch.cat([vae.encode(views[i:i + 4]) for i in range(0, views.shape[0], 4)])
+    with torch.no_grad():  # the VAE's weights may be inference tensors: no graph through it
+        latents = torch.cat([vae.encode(views[i:i + 4]) for i in range(0, views.shape[0], 4)])
     return latents.detach().float().clone()
 
 

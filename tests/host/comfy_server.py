@@ -138,11 +138,14 @@ class ComfyServer:
         return self.get("/system_stats", timeout=10)[0] == 200
 
     # -- prompts ----------------------------------------------------------------------------------------------
-    def run(self, prompt: dict, timeout: float = 120.0) -> Run:
-        """Queue ``prompt`` and wait for it to finish; a prompt /prompt refuses comes back with its HTTP 400."""
-        return asyncio.run(self._run(prompt, timeout))
+    def run(self, prompt: dict, timeout: float = 120.0, on_message=None) -> Run:
+        """Queue ``prompt`` and wait for it to finish; a prompt /prompt refuses comes back with its HTTP 400.
 
-    async def _run(self, prompt: dict, timeout: float) -> Run:
+        ``on_message(message)`` sees each websocket message of the prompt as it arrives.
+        """
+        return asyncio.run(self._run(prompt, timeout, on_message))
+
+    async def _run(self, prompt: dict, timeout: float, on_message=None) -> Run:
         import aiohttp
 
         client_id = uuid.uuid4().hex
@@ -154,12 +157,12 @@ class ComfyServer:
                     if response.status != 200:
                         return Run(None, response.status, body)
                 run = Run(body["prompt_id"], 200, body)
-                await asyncio.wait_for(self._collect(ws, run), timeout)
+                await asyncio.wait_for(self._collect(ws, run, on_message), timeout)
             run.history = await self._history(session, run.prompt_id, timeout)
         return run
 
     @staticmethod
-    async def _collect(ws, run: Run) -> None:
+    async def _collect(ws, run: Run, on_message=None) -> None:
         import aiohttp
 
         async for msg in ws:
@@ -170,6 +173,8 @@ class ComfyServer:
             if data.get("prompt_id") != run.prompt_id:
                 continue
             run.messages.append(message)
+            if on_message is not None:
+                await asyncio.to_thread(on_message, message)
             kind = message["type"]
             if kind in ("execution_error", "execution_interrupted", "execution_success"):
                 return

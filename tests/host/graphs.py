@@ -86,6 +86,25 @@ def generation(*, prefix: str, seed: int = 1, with_identity: bool = True, checkp
     return g
 
 
+def refinement(*, prefix: str, steps: int = 3, mode: str = "rank_relaxed", seed: int = 1) -> Graph:
+    """LoadHyperLoRA -> HyperLoRAFromImage -> HyperLoRARefine -> LoraModelLoader -> KSampler -> SaveImage, and the
+    loss curve -> SaveImage."""
+    g = Graph()
+    model = tiny_model(g)
+    hl, ident = identity(g)
+    positive, negative = conditioning(g)
+    vae = g.add("vae", "HLTestTinyVAE", seed=0)
+    refine = g.add("refine", "HyperLoRARefine", model=model, vae=g.out(vae), positive=positive, hyper_lora=hl,
+                   identity=ident, image=g.out("photo"), mode=mode, steps=steps, lr=1e-2, rank=4, seed=0,
+                   batch_size=1, resolution=256, precision="auto", gradient_checkpointing=True)
+    refined = g.add("lora_model", "LoraModelLoader", model=model, lora=g.out(refine, 1), strength_model=1.0)
+    latent = sample(g, g.out(refined), positive, negative, seed=seed)
+    image = g.add("decode", "VAEDecode", samples=latent, vae=g.out(vae))
+    g.add("save", "SaveImage", images=g.out(image), filename_prefix=prefix)
+    g.add("curve", "SaveImage", images=g.out(refine, 2), filename_prefix=prefix + "_loss")
+    return g
+
+
 def saved_image(server, run, node_id: str = "save") -> np.ndarray:
     """The one image a SaveImage node wrote, read from the server's output folder."""
     from PIL import Image

@@ -79,8 +79,8 @@ class HyperLoRARefine(io.ComfyNode):
                                tooltip="auto: bf16 on GPUs that support it, otherwise the model's own dtype. "
                                        "fp32 is slowest and most exact."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in the backward pass: much less memory, about "
-                                         "30 % slower."),
+                                 tooltip="Recompute activations in the backward pass: far less memory, slower "
+                                         "steps."),
             ],
             outputs=[
                 IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode); "

@@ -20,6 +20,8 @@ CONTRACT = {
     "SaveHyperLoRAIdentity": ["identity", "filename_prefix", "storage"],
     "LoadHyperLoRAIdentity": ["identity"],
     "HyperLoRAHook": ["hyper_lora", "identity", "strength", "start_percent", "end_percent"],
+    "HyperLoRARefine": ["model", "vae", "positive", "hyper_lora", "identity", "image", "mode", "steps", "lr", "rank",
+                        "seed", "batch_size", "resolution", "precision", "gradient_checkpointing"],
 }
 
 

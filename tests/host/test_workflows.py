@@ -248,6 +248,8 @@ def for_tiny_models(prompt: dict, *, keep_photos: bool = False) -> dict:
             inputs.update(width=64, height=64)
         elif kind == "KSampler":
             inputs.update(steps=2)
+        elif kind == "HyperLoRARefine":
+            inputs.update(steps=3, resolution=256)
     for node in prompt.values():
         for name, value in node["inputs"].items():
             if isinstance(value, list) and (value[0], value[1]) in moved:

@@ -19,7 +19,7 @@ CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in 
 UPLOAD = "upload"  # LoadImage's frontend-only upload button ("image")
 FRONTEND_ONLY = {CONTROL, UPLOAD}
 OURS = {"LoadHyperLoRA", "HyperLoRAFromImage", "ApplyHyperLoRA", "ConceptSlider", "HyperLoRAToLoRA", "SaveHyperLoRA",
-        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook"}
+        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ SPECS = {
                         "filename_prefix", "lora_name:STRING"),
     "SaveHyperLoRAIdentity": _s("Save HyperLoRA Identity", "identity:HYPER_LORA_IDENTITY",
                                 "filename_prefix storage", "identity_name:STRING"),
+    "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING hyper_lora:HYPER_LORA "
+                          "identity:HYPER_LORA_IDENTITY image:IMAGE",
+                          f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing",
+                          "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE"),
+    "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
+    "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
     "Note": _s("Note", "", "text"),
 }
 MULTILINE = {"CLIPTextEncode", "Note"}
@@ -439,7 +445,37 @@ def save_lora() -> Workflow:
     return w
 
 
-WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora)
+def refine() -> Workflow:
+    w = Workflow("hyperlora_refine", "Refine the identity (fast fine-tuning)")
+    w.note(note_text("About 50 fine-tuning steps on the photo, starting from the HyperLoRA prediction "
+                     "(HyperDreamBooth-style): a closer likeness than the zero-shot identity. The photo, flipped and "
+                     "slightly cropped, is the training target; the positive prompt is the training prompt. It is "
+                     "meant for a GPU: SDXL training on a CPU is very slow.", SDXL,
+                     "The refined LoRA is saved under output/loras/hyperlora/ (Save LoRA Weights); move it to "
+                     "models/loras/ to use it with the stock Load LoRA."), (0, -340))
+    hyper, photo, ident = identity_chain(w, 0, 0)
+    ckpt = checkpoint(w, (360, 460))
+    pos, neg = prompts(w, ckpt, 760, 300)
+    refined = w.add("HyperLoRARefine", (1220, 0), mode="rank_relaxed", steps=50, lr=1e-3, rank=4, seed=0,
+                    control_after_generate="fixed", batch_size=1, resolution=1024, precision="auto",
+                    gradient_checkpointing=True)
+    for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
+                         (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
+                         (photo.out("IMAGE"), "image")):
+        w.connect(source, refined, name)
+    curve = w.add("PreviewImage", (1220, 420), title="Training loss", size=(420, 260))
+    w.connect(refined.out("loss_curve"), curve, "images")
+    saved = w.add("SaveLoRANode", (1220, 740), prefix="loras/hyperlora/refined")
+    w.connect(refined.out("lora"), saved, "lora")
+    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
+    w.connect(ckpt.out("MODEL"), loaded, "model")
+    w.connect(refined.out("lora"), loaded, "lora")
+    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
+                    "hyperlora/refined")
+    return w
+
+
+WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora, refine)
 
 
 # -- thumbnails ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import pytest
 from comfy_server import ComfyServer, show
 from nodepack import tiny
 
-from hyperlora_core import UNetSpec
 from hyperlora_core.synthetic import write_checkpoint
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
@@ -52,7 +51,7 @@ def tiny_sdxl(comfy):
 # -- the real server ---------------------------------------------------------------------------------------------
 HERE = Path(__file__).resolve().parent
 PACKAGE = HERE.parents[1]  # the repository root: loaded as custom_nodes/ComfyUI-HyperLoRA
-HOST_UNET = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
+HOST_UNET = tiny.host_unet()
 # hyper_lora/<name>: two good checkpoints (other seeds: identities do not cross), a truncated basis, and one the
 # missing-checkpoint test deletes while the server runs
 CHECKPOINTS = {"tiny_a": 0, "tiny_b": 1}

@@ -6,21 +6,14 @@ import logging
 
 import pytest
 import torch
+from nodepack import tiny
 
-from hyperlora_core import UNetSpec, load_hyperlora, lora_delta, save_lora
-from hyperlora_core.synthetic import write_checkpoint
-
-HOST_UNET = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
+from hyperlora_core import lora_delta, save_lora
 
 
 @pytest.fixture(scope="module")
 def lora_pair(tmp_path_factory):
-    folder = write_checkpoint(tmp_path_factory.mktemp("ckpt"), unet=HOST_UNET, base=False)
-    hl = load_hyperlora(folder, unet=HOST_UNET)
-    g = torch.Generator().manual_seed(0)
-    clip = torch.randn(2, 257, 1024, generator=g)
-    arc = torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=-1)
-    identity = hl.predict_identity(clip_tokens=clip, id_embeds=arc)
+    hl, identity = tiny.hyperlora_and_identity(tmp_path_factory.mktemp("ckpt"), images=2)
     return hl.identity_to_lora(identity, key_format="kohya"), hl.identity_to_lora(identity, key_format="comfy")
 
 

@@ -17,12 +17,10 @@ import torch
 from comfy_server import show
 from nodepack import tiny
 
-from hyperlora_core import UNetSpec, load_hyperlora, lora_delta
+from hyperlora_core import lora_delta
 from hyperlora_core.lora_io import lora_prefixes
 from hyperlora_core.refine import RefineConfig, draw_batch
-from hyperlora_core.synthetic import write_checkpoint
 
-HOST_UNET = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a photo of fcsks fxhks fhyks, portrait"
 STEPS = 30
@@ -50,12 +48,7 @@ def _photos(side: int = 64) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def setup(comfy, tmp_path_factory):
     training = _pack_module("training")
-    folder = write_checkpoint(tmp_path_factory.mktemp("ckpt"), unet=HOST_UNET, base=False)
-    hl = load_hyperlora(folder, unet=HOST_UNET)
-    g = torch.Generator().manual_seed(0)
-    clip_tokens = torch.randn(1, 257, 1024, generator=g)
-    arc = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
-    identity = hl.predict_identity(clip_tokens=clip_tokens, id_embeds=arc)
+    hl, identity = tiny.hyperlora_and_identity(tmp_path_factory.mktemp("ckpt"))
     clip = tiny.tiny_clip(seed=0)
     model = tiny.tiny_sdxl(seed=0)
     pristine = {k: v.clone() for k, v in model.model.state_dict().items()}

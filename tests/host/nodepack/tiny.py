@@ -24,10 +24,34 @@ TINY_SD15_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+HOST_UNET_WIDTHS = dict(level_widths=(64, 128), context_dim=64)  # the tiny SDXL's attention widths, for UNetSpec
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3}
 # clip_l (32) + clip_g (32) = the UNet's context_dim 64; clip_g's pooled output (32) feeds adm_in_channels 32+1536
 TINY_CLIP_OPTIONS = {"clip_l_model_config": dict(TINY_CLIP),
                      "clip_g_model_config": dict(TINY_CLIP, projection_dim=32)}
+
+
+def host_unet():
+    """The UNetSpec of the tiny SDXL (HyperLoRA checkpoints for it are written with this)."""
+    from hyperlora_core import UNetSpec
+
+    return UNetSpec(name="tiny SDXL (ComfyUI)", **HOST_UNET_WIDTHS)
+
+
+def hyperlora_and_identity(folder, images: int = 1, seed: int = 0):
+    """A random HyperLoRA checkpoint for the tiny SDXL written to ``folder``, loaded, and an identity predicted
+    from ``images`` random conditions: (HyperLoRA, Identity)."""
+    import torch
+
+    from hyperlora_core import load_hyperlora
+    from hyperlora_core.synthetic import write_checkpoint
+
+    unet = host_unet()
+    hl = load_hyperlora(write_checkpoint(folder, unet=unet, base=False), unet=unet)
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(images, 257, 1024, generator=g)
+    arc = torch.nn.functional.normalize(torch.randn(images, 512, generator=g), dim=-1)
+    return hl, hl.predict_identity(clip_tokens=clip, id_embeds=arc)
 
 
 def randomise(module, seed: int, scale: float | None = None) -> None:

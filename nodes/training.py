@@ -159,12 +159,10 @@ def held_out_loss(model, positive, latents: torch.Tensor, seed: int, batches: in
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where asked, or (auto) where the device runs it natively; None: the model's own dtype."""
+    """bf16 compute where asked (any device), or (auto) on a GPU that runs it natively; None: the model's own."""
     if precision not in PRECISIONS:
         raise RefineInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32" or device.type == "cpu":
-        return None
-    if precision == "bf16" or mm.should_use_bf16(device):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and mm.should_use_bf16(device)):
         return torch.bfloat16
     return None
 

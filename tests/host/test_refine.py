@@ -137,6 +137,18 @@ def test_checkpointing_gives_the_same_losses(comfy, setup):
     _assert_untouched(comfy, s)
 
 
+def test_bf16_trains_and_its_compute_dtype_does_not_stay_on_the_model(comfy, setup):
+    """precision bf16 (autocast and ComfyUI's compute dtype on the clone) also runs on the CPU; the compute dtype is
+    an object patch of the training clone, which must be undone on the shared model afterwards."""
+    s = setup
+    before = s.model.model.manual_cast_dtype
+    result, losses = _run(s, _config("rank_relaxed", steps=3), precision="bf16")
+    show(f"\nbf16 on the CPU: losses {[round(v, 4) for v in losses]}")
+    assert len(losses) == 3 and all(v == v and v < 1e3 for v in losses)
+    assert s.model.model.manual_cast_dtype == before
+    _assert_untouched(comfy, s)
+
+
 @pytest.mark.parametrize("sampling", ["eps", "v_prediction"])
 def test_loss_is_the_textbook_loss_of_the_models_own_type(comfy, setup, sampling):
     """Against an independent computation from the UNet's raw output: ε-MSE for eps, v-MSE (v = α·ε − s·x0 with

@@ -93,11 +93,11 @@ class RankRelaxed(nn.Module):
         super().__init__()
         self.predicted = predicted
         self.prefixes = lora_prefixes(predicted)
+        folded = combine_by_rank([(predicted, 1.0)])  # alpha/r folded into up: delta = up @ down
         ups, downs, shapes = [], [], {}
         for p in self.prefixes:
-            down = predicted[p + ".lora_down.weight"].detach().float().clone()  # never an inference tensor
-            alpha = float(predicted[p + ".alpha"]) if p + ".alpha" in predicted else down.shape[0]
-            up = predicted[p + ".lora_up.weight"].detach().float().clone() * (alpha / down.shape[0])
+            down = folded[p + ".lora_down.weight"].detach().clone()  # never an inference tensor
+            up = folded[p + ".lora_up.weight"].detach().clone()
             ups.append(up.to(device))
             downs.append(down.to(device))
             shapes[p] = (up.shape[0], down.shape[1])

@@ -6,7 +6,6 @@ and deterministic for a given seed. Letters: ``b`` batch, ``c`` channels, ``h``/
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from .errors import HyperLoRAError
 from .finetune import Parametrisation
 
-log = logging.getLogger(__name__)
 MODES = ("coefficients", "rank_relaxed")
 MIN_SIDE = 64  # pixels: below this a reference photo holds too little of a face to learn from
 

@@ -10,7 +10,6 @@ v-prediction and flow models are handled alike. Nothing of a run stays on the in
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 
 import comfy.model_management as mm
@@ -24,7 +23,6 @@ from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, lora_dtype, make_lora
 
-log = logging.getLogger(__name__)
 PRECISIONS = ["auto", "bf16", "fp32"]
 
 

@@ -3,7 +3,7 @@
     python bench/identity.py [--dir /tmp/hyperlora_full] [--keep] [--threads 2]
 
 Full-size random weights for the HyperLoRA checkpoint (as bench/core.py writes it) and for CLIP ViT-L/14
-(open_clip ViT-L-14-quickgelu, written as an open_clip .safetensors). The face models are the test doubles in
+(QuickGELU, written as an open_clip-layout .safetensors). The face models are the test doubles in
 the real antelopev2 ONNX formats (no real antelopev2 weights can be had here), so their absolute times are
 small; the figure that matters is the ratio of the end-to-end time to the sum of the stages timed alone in the
 same run: everything above 1.0 is overhead (decoding, crops, copies, repeated detection).
@@ -33,15 +33,22 @@ def median_time(fn, repeat: int = 5) -> float:
 
 
 def write_clip(folder: Path) -> Path:
-    import open_clip
+    """Random ViT-L/14 image-tower weights (fp16, std 0.02, unit norms) under open_clip's ``visual.*`` keys."""
     import torch
     from safetensors.torch import save_file
 
+    from hyperlora_core.clip import ClipVisionConfig
+
     path = folder / "open_clip_vit_l14.safetensors"
     if not path.exists():
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None)
-        state = {f"visual.{k}": v.half().contiguous() for k, v in model.visual.state_dict().items()}
+        gen = torch.Generator().manual_seed(0)
+        shapes = ClipVisionConfig(width=1024, layers=24, heads=16, patch_size=14, image_size=224,
+                                  mlp_dim=4096).open_clip_shapes()
+        state = {}
+        for key, shape in shapes.items():
+            norm = ".ln_" in key or key.startswith("ln_")
+            value = torch.ones(shape) if norm and key.endswith("weight") else torch.randn(shape, generator=gen) * 0.02
+            state[f"visual.{key}"] = (torch.zeros(shape) if norm and key.endswith("bias") else value).half()
         save_file(state, str(path))
     return path
 
@@ -65,13 +72,13 @@ def photos(folder: Path, n: int) -> list[Path]:
 
 def run(ckpt: Path, work: Path) -> None:
     from hyperlora_core import load_hyperlora
-    from hyperlora_core.clip import OpenClipEncoder
+    from hyperlora_core.clip import ClipVisionEncoder
     from hyperlora_core.face import FaceAnalyzer
 
     from face_doubles import write_antelopev2
 
     hl = load_hyperlora(ckpt)
-    clip = OpenClipEncoder.from_folder(write_clip(work), device="cpu", dtype="fp32")
+    clip = ClipVisionEncoder.from_folder(write_clip(work), device="cpu", dtype="fp32")
     faces = FaceAnalyzer(write_antelopev2(work / "antelopev2"), providers="cpu")
     print(f"face analysis provider: {faces.provider}; CLIP width {clip.width}; {hl!r}")
     mix_one = None

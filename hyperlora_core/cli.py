@@ -94,7 +94,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .clip import OpenClipEncoder
+    from .clip import ClipVisionEncoder
     from .face import FaceAnalyzer
     from .images import load_image
     from .lora_io import save_lora
@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         hl = load_hyperlora(args.checkpoint, device=args.device, dtype=args.dtype, unet=args.unet)
-        clip = OpenClipEncoder.from_folder(args.clip, device=args.device) if "clip" in hl.encoders else None
+        clip = ClipVisionEncoder.from_folder(args.clip, device=args.device) if "clip" in hl.encoders else None
         faces = FaceAnalyzer(args.insightface, providers=args.provider)
         images = [load_image(p) for p in args.image]
         pipeline = IdentityPipeline(hl, faces, clip)

@@ -1,19 +1,24 @@
-"""CLIP vision tokens: preprocessing equal to transformers' CLIPImageProcessor and an open_clip encoder.
+"""CLIP vision tokens: preprocessing equal to transformers' CLIPImageProcessor and a ViT image-tower encoder.
 
 The encoder loads the HF-format folder users already have (``config.json`` + ``model.safetensors`` of a
 CLIPVisionModel, CLIPVisionModelWithProjection or full CLIPModel) by key conversion, or an open_clip
 ``.safetensors`` checkpoint (``visual.*`` keys). Only safetensors is read. It returns the penultimate hidden
 states with the class token, i.e. transformers' ``hidden_states[-2]``.
 
+The tower itself is written here in plain torch (``VisionTower``, open_clip's parameter names) rather than
+imported from open_clip_torch: open_clip imports torchvision at package import, which a CPU-only torch cannot
+load, and the tower is a few dozen lines. tests/test_clip.py holds it equal to transformers' CLIPVisionModel,
+and to open_clip's VisionTransformer where that imports.
+
 Letters: ``b`` images, ``n`` tokens (1 class token + grid²), ``d`` width (1024 for ViT-L/14).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +27,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import Shapes, check_keys
 from .errors import (
     ClipConfigError,
-    ClipDependencyError,
     ClipInputError,
     ClipModelMissing,
     MissingKeyError,
@@ -384,42 +389,83 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
     return dtype
 
 
-def _build_visual(config: ClipVisionConfig, layers: int) -> nn.Module:
-    """An open_clip VisionTransformer of ``layers`` blocks, with no head, its parameters on the meta device."""
-    try:
-        from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
-    except ImportError as exc:
-        raise ClipDependencyError(
-            "The CLIP encoder needs open_clip_torch: run `pip install open_clip_torch` in ComfyUI's Python "
-            f"environment ({exc})."
-        ) from exc
-    with torch.device("meta"):
-        visual = VisionTransformer(
-            image_size=config.image_size, patch_size=config.patch_size, width=config.width, layers=layers,
-            heads=config.heads,
-            mlp_ratio=(config.mlp_dim + 0.5) / config.width,  # open_clip takes int(width * ratio) == mlp_dim
-            act_layer=QuickGELU if config.quick_gelu else nn.GELU,
-            norm_layer=functools.partial(LayerNorm, eps=config.layer_norm_eps),
-        )
-    visual.ln_post = nn.Identity()  # the pooled head is never used for penultimate tokens
-    visual.proj = None
-    return visual
+class _Attention(nn.Module):
+    """Multi-head self-attention with the q, k, v projections packed in one matrix (open_clip's key names)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 b h n d/h
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d/h)) v, no mask: CLIP's image side
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-def _manual_penultimate(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The same computation as ``forward_intermediates`` for open_clip releases that lack it (< 2.31)."""
-    x = visual.conv1(x).flatten(2).transpose(1, 2)  # b d h w -> b (h w) d
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
-    batch_first = getattr(visual.transformer, "batch_first", False)
-    x = x if batch_first else x.transpose(0, 1)
-    for block in visual.transformer.resblocks:
-        x = block(x)
-    return x if batch_first else x.transpose(0, 1)
+class _QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation OpenAI's CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
 
 
-class OpenClipEncoder:
-    """open_clip ViT image tower (without its last block) that returns the penultimate tokens [b, n, d]."""
+class _Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: ClipVisionConfig) -> None:
+        super().__init__()
+        d, eps = config.width, config.layer_norm_eps
+        self.ln_1 = nn.LayerNorm(d, eps=eps)
+        self.attn = _Attention(d, config.heads)
+        self.ln_2 = nn.LayerNorm(d, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(d, config.mlp_dim)),
+            ("gelu", _QuickGELU() if config.quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(config.mlp_dim, d)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, config: ClipVisionConfig, layers: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(_Block(config) for _ in range(layers))
+
+
+class VisionTower(nn.Module):
+    """CLIP's ViT image tower up to a chosen block, with open_clip's parameter names (``conv1``, ``ln_pre``,
+    ``transformer.resblocks.{i}``...). It returns the tokens after the last block it holds, class token first,
+    with no final norm or projection: built with ``layers - 1`` blocks that is transformers'
+    ``hidden_states[-2]``."""
+
+    def __init__(self, config: ClipVisionConfig, layers: int) -> None:
+        super().__init__()
+        d, p = config.width, config.patch_size
+        self.conv1 = nn.Conv2d(3, d, kernel_size=p, stride=p, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.positional_embedding = nn.Parameter(torch.empty(config.num_tokens, d))
+        self.ln_pre = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.transformer = _Blocks(config, layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels).flatten(2).transpose(1, 2)  # b d h w -> b (h w) d, row-major patches
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        for block in self.transformer.resblocks:
+            x = block(x)
+        return x
+
+
+class ClipVisionEncoder:
+    """CLIP's ViT image tower (without its last block) that returns the penultimate tokens [b, n, d]."""
 
     def __init__(self, visual: nn.Module, config: ClipVisionConfig, *, source: str = "") -> None:
         self.visual = visual.eval().requires_grad_(False)
@@ -440,7 +486,7 @@ class OpenClipEncoder:
 
     @classmethod
     def from_folder(cls, path: str | Path, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | str | None = None) -> OpenClipEncoder:
+                    dtype: torch.dtype | str | None = None) -> ClipVisionEncoder:
         """Load an HF-format folder/file or an open_clip ``.safetensors`` checkpoint, checked key by key.
 
         ``device`` None: CUDA when available, else CPU. ``dtype`` None: fp16 on CUDA, fp32 elsewhere; or one
@@ -454,7 +500,8 @@ class OpenClipEncoder:
             state = {k: sf.tensor(prefix + k) for k in config.open_clip_shapes(run)}
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        visual = _build_visual(config, run)
+        with torch.device("meta"):
+            visual = VisionTower(config, run)
         visual.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
         log.info("%s: loaded '%s' (%s layout, width %d, %d blocks, %d heads) on %s as %s.", WHAT, sf.path,
                  kind, config.width, config.layers, config.heads, device, dtype)
@@ -470,12 +517,5 @@ class OpenClipEncoder:
             )
         x = pixels.to(device=self.device, dtype=self.dtype)
         with torch.no_grad():  # not inference_mode: the tokens may feed a differentiable resampler
-            if hasattr(self.visual, "forward_intermediates"):
-                out = self.visual.forward_intermediates(
-                    x, indices=[self.config.layers - 2], output_fmt="NLC", output_extra_tokens=True,
-                    intermediates_only=True,
-                )
-                tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-            else:
-                tokens = _manual_penultimate(self.visual, x)
+            tokens = self.visual(x)
         return tokens.float()

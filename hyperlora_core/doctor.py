@@ -140,8 +140,7 @@ def _check_onnx(path: Path) -> Check:
 def check_packages(version: Callable[[str], str] = metadata.version,
                    providers: Callable[[], list[str]] | None = None) -> list[Check]:
     checks = []
-    for dist, why in (("insightface", "face analysis"), ("open_clip_torch", "CLIP encoder (standalone)"),
-                      ("torchvision", "open_clip")):
+    for dist, why in (("insightface", "face analysis"),):
         try:
             checks.append(Check(f"package {dist}", "ok", version(dist)))
         except metadata.PackageNotFoundError:

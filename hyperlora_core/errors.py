@@ -71,10 +71,6 @@ class ClipInputError(HyperLoRAError, ValueError):
     """Images or pixels given to the CLIP encoder have the wrong type or shape."""
 
 
-class ClipDependencyError(HyperLoRAError, ImportError):
-    """open_clip_torch, which the CLIP encoder needs, is not installed."""
-
-
 class ImageFormatError(HyperLoRAError, ValueError):
     """An input image has a layout, type or value range that cannot be read as a photo."""
 

@@ -10,8 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 log = logging.getLogger(__name__)
 
 OPTIONAL = {"insightface": "pip install insightface onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
-            "onnxruntime": "pip install onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
-            "open_clip": "pip install open_clip_torch"}
+            "onnxruntime": "pip install onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)"}
 
 
 def report_missing() -> list[str]:

@@ -36,12 +36,12 @@ class ComfyClipVision:
 
 
 class ManagedClip:
-    """The standalone open_clip encoder wrapped in a ModelPatcher, so ComfyUI can offload it too."""
+    """The standalone CLIP encoder wrapped in a ModelPatcher, so ComfyUI can offload it too."""
 
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
-        from ..hyperlora_core.clip import OpenClipEncoder
+        from ..hyperlora_core.clip import ClipVisionEncoder
 
-        self.encoder = OpenClipEncoder.from_folder(folder, device=mm.unet_offload_device(), dtype=dtype)
+        self.encoder = ClipVisionEncoder.from_folder(folder, device=mm.unet_offload_device(), dtype=dtype)
         self.patcher = comfy.model_patcher.ModelPatcher(self.encoder.visual, load_device=mm.get_torch_device(),
                                                         offload_device=mm.unet_offload_device())
 

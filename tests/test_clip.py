@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import hyperlora_core as hc
 from hyperlora_core import clip
-from hyperlora_core.clip import ClipEncoder, OpenClipEncoder, encode_crops, preprocess
+from hyperlora_core.clip import ClipEncoder, ClipVisionEncoder, encode_crops, preprocess
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("open_clip")
 
 TOL = 1e-4  # acceptance bound, fp32
 TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=224,
@@ -97,7 +96,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- equivalence
 def test_tokens_equal_hidden_states_minus_2(reference, pixels, hidden):
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
     tokens = enc.encode(pixels)
     assert tokens.shape == (2, 257, TINY["hidden_size"]) and tokens.dtype == torch.float32
     diff = max_diff(tokens, hidden[-2])
@@ -107,7 +106,7 @@ def test_tokens_equal_hidden_states_minus_2(reference, pixels, hidden):
 
 def test_equivalence_check_can_fail(reference, pixels, hidden):
     """The bound above is meaningful: the neighbouring layers, or q/k swapped in the file, miss it widely."""
-    tokens = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32").encode(pixels)
+    tokens = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="fp32").encode(pixels)
     assert max_diff(tokens, hidden[-1]) > 1e-3
     assert max_diff(tokens, hidden[-3]) > 1e-3
 
@@ -118,7 +117,7 @@ def test_swapped_q_k_is_caught(reference, pixels, hidden, tmp_path):
     state[q], state[k] = state[k], state[q]
     shutil.copy(reference[0] / "config.json", tmp_path / "config.json")
     save_file(state, str(tmp_path / "model.safetensors"))
-    tokens = OpenClipEncoder.from_folder(tmp_path, device="cpu", dtype="fp32").encode(pixels)
+    tokens = ClipVisionEncoder.from_folder(tmp_path, device="cpu", dtype="fp32").encode(pixels)
     assert max_diff(tokens, hidden[-2]) > 1e-3
 
 
@@ -148,7 +147,7 @@ LAYOUTS = ["CLIPVisionModelWithProjection", "CLIPModel", "v4 vision_model. prefi
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_hf_layouts(kind, reference, pixels, hidden, tmp_path):
     save_as(kind, reference[1], tmp_path)
-    tokens = OpenClipEncoder.from_folder(tmp_path, device="cpu", dtype=torch.float32).encode(pixels)
+    tokens = ClipVisionEncoder.from_folder(tmp_path, device="cpu", dtype=torch.float32).encode(pixels)
     assert max_diff(tokens, hidden[-2]) <= TOL
 
 
@@ -171,22 +170,44 @@ def write_open_clip(reference, folder, *, with_config: bool = True, prefix: str 
 @pytest.mark.parametrize("as_file", [True, False])
 def test_open_clip_checkpoint(prefix, as_file, reference, pixels, hidden, tmp_path):
     path = write_open_clip(reference, tmp_path, prefix=prefix)
-    enc = OpenClipEncoder.from_folder(path if as_file else tmp_path, device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(path if as_file else tmp_path, device="cpu", dtype="fp32")
     assert enc.config.heads == 4 and enc.config.quick_gelu
     assert max_diff(enc.encode(pixels), hidden[-2]) <= TOL
 
 
-def test_fallback_path_equals_forward_intermediates(reference, pixels):
-    """open_clip < 2.31 has no forward_intermediates; the hand-written path must give the same numbers."""
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
-    with torch.inference_mode():
-        manual = clip._manual_penultimate(enc.visual, pixels)
-    assert max_diff(manual, enc.encode(pixels)) <= 1e-6
+def import_or_skip(name: str):
+    """Import an optional reference; skip (saying why) where it is absent or cannot load, as torchvision, and
+    so open_clip, cannot beside a CPU-only torch."""
+    try:
+        return __import__(name)
+    except (ImportError, RuntimeError) as exc:  # torchvision raises RuntimeError when its ops fail to register
+        pytest.skip(f"{name} does not import here ({type(exc).__name__}: {exc}); it is an optional second reference")
+
+
+def test_tower_equals_open_clip_vision_transformer(reference, pixels, tmp_path):
+    """Our VisionTower against open_clip's own VisionTransformer on the same open_clip checkpoint."""
+    open_clip = import_or_skip("open_clip")
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    path = write_open_clip(reference, tmp_path)
+    state = {k.removeprefix("visual."): v for k, v in load_file(str(path)).items()}
+    theirs = VisionTransformer(image_size=224, patch_size=14, width=TINY["hidden_size"],
+                               layers=TINY["num_hidden_layers"], heads=TINY["num_attention_heads"],
+                               mlp_ratio=TINY["intermediate_size"] / TINY["hidden_size"] + 1e-3,
+                               output_dim=TINY["projection_dim"], act_layer=QuickGELU).eval()
+    theirs.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        out = theirs.forward_intermediates(pixels, indices=[TINY["num_hidden_layers"] - 2], output_fmt="NLC",
+                                           output_extra_tokens=True, intermediates_only=True)
+    expected = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    ours = ClipVisionEncoder.from_folder(path, device="cpu", dtype="fp32").encode(pixels)
+    log.info("open_clip %s: max abs diff %.3g", open_clip.__version__, max_diff(ours, expected))
+    assert max_diff(ours, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,bound", [("fp16", 2e-2), ("bf16", 1.5e-1)])
 def test_half_precision(dtype, bound, reference, pixels, hidden):
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype=dtype)
+    enc = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype=dtype)
     assert enc.dtype == clip._DTYPES[dtype]
     tokens = enc.encode(pixels)
     assert tokens.dtype == torch.float32
@@ -204,11 +225,11 @@ def test_inspect_reads_headers_only(kind, reference, tmp_path):
 
 def test_bad_dtype(reference):
     with pytest.raises(ValueError, match="fp32, fp16, bf16"):
-        OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="int8")
+        ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="int8")
 
 
 def test_protocol_and_encode_crops(reference):
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
     assert isinstance(enc, ClipEncoder)
 
     class Recorder:  # any object with encode() is a ClipEncoder, e.g. the ComfyUI clip_vision adapter
@@ -252,6 +273,7 @@ def test_torchvision_processor_within_one_level():
     """transformers 5's default (torchvision) CLIPImageProcessor differs from the PIL one by <= 1 uint8 level."""
     if not hasattr(transformers, "CLIPImageProcessorPil"):
         pytest.skip("transformers < 5: CLIPImageProcessor is the PIL one")
+    import_or_skip("torchvision")  # without it transformers falls back to the PIL processor, compared above
     image = np.random.default_rng(0).integers(0, 256, (301, 250, 3), dtype=np.uint8)
     theirs = transformers.CLIPImageProcessor()(images=[image], return_tensors="pt")["pixel_values"]
     assert max_diff(preprocess([image]), theirs) <= 1 / 255 / clip.OPENAI_STD.min() + 1e-6
@@ -283,7 +305,7 @@ def test_real_photo_end_to_end(reference):
     crops = [photo, photo[30:281, 140:350]]  # the second is 251×210 with an odd margin
     pixels = preprocess(crops)
     assert max_diff(pixels, hf_pixels(crops)) == 0.0
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
     tokens = encode_crops(enc, crops[:1])
     assert tokens.shape == (1, 257, TINY["hidden_size"]) and torch.isfinite(tokens).all()
     with torch.no_grad():
@@ -292,7 +314,7 @@ def test_real_photo_end_to_end(reference):
 
 
 def test_encode_rejects_wrong_pixels(reference):
-    enc = OpenClipEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(reference[0], device="cpu", dtype="fp32")
     with pytest.raises(hc.HyperLoRAError, match=r"\[b, 3, 224, 224\]"):
         enc.encode(torch.zeros(1, 3, 200, 200))
 
@@ -315,7 +337,7 @@ def edit_tensors(path, edit):
 
 def expect(exc_type, path, *fragments):
     with pytest.raises(exc_type) as info:
-        OpenClipEncoder.from_folder(path, device="cpu", dtype="fp32")
+        ClipVisionEncoder.from_folder(path, device="cpu", dtype="fp32")
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} not in: {info.value}"
     return info.value
@@ -328,7 +350,7 @@ def test_missing_folder(tmp_path):
 
 def test_single_custom_named_file(folder, pixels, hidden):
     (folder / "model.safetensors").rename(folder / "clip_vision_l.safetensors")
-    tokens = OpenClipEncoder.from_folder(folder, device="cpu", dtype="fp32").encode(pixels)
+    tokens = ClipVisionEncoder.from_folder(folder, device="cpu", dtype="fp32").encode(pixels)
     assert max_diff(tokens, hidden[-2]) <= TOL
 
 
@@ -415,7 +437,7 @@ def test_full_size_vit_l14(tmp_path):
     with torch.no_grad():
         ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
     del model
-    enc = OpenClipEncoder.from_folder(tmp_path / "model.safetensors", device="cpu", dtype="fp32")
+    enc = ClipVisionEncoder.from_folder(tmp_path / "model.safetensors", device="cpu", dtype="fp32")
     assert (enc.config.heads, enc.config.layers, enc.config.num_tokens) == (16, 24, 257)
     tokens = enc.encode(pixels)
     assert tokens.shape == (1, 257, 1024)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hyperlora_core import ConditionError, Identity, load_hyperlora
 from hyperlora_core.cli import main
-from hyperlora_core.clip import OpenClipEncoder, preprocess
+from hyperlora_core.clip import ClipVisionEncoder, preprocess
 from hyperlora_core.crops import clip_crop
 from hyperlora_core.errors import FaceNotFoundError
 from hyperlora_core.face import FaceAnalyzer
@@ -32,7 +32,7 @@ def antelope(tmp_path_factory):
 def parts(antelope, tiny_factory, tiny_clip_folder):
     ckpt = tiny_factory(clip_dim=TINY_CLIP_WIDTH)
     hl = load_hyperlora(ckpt, unet=TINY_UNET)
-    clip = OpenClipEncoder.from_folder(tiny_clip_folder, device="cpu", dtype="fp32")
+    clip = ClipVisionEncoder.from_folder(tiny_clip_folder, device="cpu", dtype="fp32")
     return ckpt, hl, clip, FaceAnalyzer(antelope, providers="cpu")
 
 

@@ -138,12 +138,17 @@ def denoising_loss(x0_pred: torch.Tensor, x0: torch.Tensor, out_scale: torch.Ten
 
 def train(param: Parametrisation, config: RefineConfig, step_loss: Callable[[torch.Generator], torch.Tensor], *,
           on_step: Callable[[int, float], None] | None = None,
-          check_interrupt: Callable[[], None] | None = None) -> list[float]:
+          check_interrupt: Callable[[], None] | None = None, loss_scaling: bool = False) -> list[float]:
     """``config.steps`` AdamW steps on ``step_loss(generator)``; returns the loss of every step.
 
     ``check_interrupt`` runs before each step and may raise to stop; ``on_step(step, loss)`` after each.
+    ``loss_scaling``: dynamic loss scaling (torch.amp.GradScaler) for fp16 compute, whose small gradients would
+    otherwise flush to zero; a step whose scaled gradients overflow is skipped and the scale halved. The
+    parameters themselves stay float32.
     """
-    optimizer = torch.optim.AdamW(list(param.parameters()), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(param.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(params[0].device.type, enabled=loss_scaling)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     for step in range(config.steps):
@@ -155,8 +160,9 @@ def train(param: Parametrisation, config: RefineConfig, step_loss: Callable[[tor
             raise TrainingDivergedError(f"the refinement loss became {value} at step {step + 1}: lower lr "
                                         f"(it was {config.lr:g}) or use precision fp32")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         param.after_step()
         losses.append(value)
         if on_step is not None:

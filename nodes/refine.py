@@ -76,8 +76,8 @@ class HyperLoRARefine(io.ComfyNode):
                              tooltip="The references are resized to about resolution × resolution pixels, aspect "
                                      "kept (SDXL was trained at 1024)."),
                 io.Combo.Input("precision", options=PRECISIONS, default="auto",
-                               tooltip="auto: bf16 on GPUs that support it, otherwise the model's own dtype. "
-                                       "fp32 is slowest and most exact."),
+                               tooltip="auto: bf16 on GPUs that support it, otherwise the model's own dtype "
+                                       "(fp16 with dynamic loss scaling). fp32 is slowest and most exact."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the backward pass: far less memory, slower "
                                          "steps."),

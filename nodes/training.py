@@ -10,6 +10,7 @@ v-prediction and flow models are handled alike. Nothing of a run stays on the in
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 import comfy.model_management as mm
@@ -22,6 +23,8 @@ from ..hyperlora_core.finetune import CoefficientLoRA, Parametrisation, RankRela
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, lora_dtype, make_lora
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ["auto", "bf16", "fp32"]
 
@@ -129,7 +132,8 @@ def batch_loss(model_wrap, extra_args, latents: torch.Tensor, generator: torch.G
     x0 = ms.noise_scaling(torch.zeros_like(sigmas), torch.zeros_like(b.noise), b.x0, False)
     ones = torch.ones((batch, 1, 1, 1), device=latents.device)
     out_scale = ms.calculate_denoised(sigmas, ones, torch.zeros_like(ones)).abs().flatten()
-    with torch.autocast(latents.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    half = dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(latents.device.type, dtype=dtype if half else torch.float32, enabled=half):
         x0_pred = model_wrap(xt, sigmas, **extra_args)
     return denoising_loss(x0_pred, x0, out_scale)
 
@@ -157,12 +161,20 @@ def held_out_loss(model, positive, latents: torch.Tensor, seed: int, batches: in
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 compute where asked (any device), or (auto) on a GPU that runs it natively; None: the model's own."""
+    """The compute dtype to set on the clone: fp32 or bf16 where asked (any device); under auto, bf16 on a GPU
+    that runs it natively, else None (the model's own, with loss scaling when that is fp16)."""
     if precision not in PRECISIONS:
         raise RefineInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return torch.float32
     if precision == "bf16" or (precision == "auto" and device.type == "cuda" and mm.should_use_bf16(device)):
         return torch.bfloat16
     return None
+
+
+def compute_dtype(mp) -> torch.dtype:
+    """The dtype the (loaded) clone's UNet computes in: its manual cast dtype, else its weights'."""
+    return getattr(mp.model, "manual_cast_dtype", None) or mp.model.get_dtype()
 
 
 def _parametrisation(handle, identity, predicted, config: RefineConfig, device) -> Parametrisation:
@@ -188,6 +200,9 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
             if dtype is not None:
                 mp.set_model_compute_dtype(dtype)
             mm.load_models_gpu([mp], memory_required=mm.get_total_memory(device), force_full_load=True)
+            computes = compute_dtype(mp)
+            log.info("HyperLoRA Refine: %s, %d steps, computing in %s%s.", config.mode, config.steps, computes,
+                     " with dynamic loss scaling" if computes == torch.float16 else "")
             pbar = comfy.utils.ProgressBar(config.steps)
             losses: list[float] = []
 
@@ -195,7 +210,8 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
                 losses.extend(train(param, config, lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch,
                                                                         dtype),
                                     on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
-                                    check_interrupt=mm.throw_exception_if_processing_interrupted))
+                                    check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                    loss_scaling=computes == torch.float16))
 
             with gradient_checkpointing(mp.model.diffusion_model, checkpointing):
                 with_denoiser(mp, positive, latents, body)

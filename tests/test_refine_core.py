@@ -155,6 +155,35 @@ def test_loop_learns_is_seeded_and_returns_the_right_kind(tiny_hl, mode):
         tiny_hl.identity_to_lora(result.identity)  # still an identity of this checkpoint
 
 
+class _Fp16Toy:
+    """One float32 parameter vector seen through an fp16 layer of small weights: its true gradients (~3e-9)
+    are below half of fp16's smallest subnormal (6e-8) and flush to zero unless the loss is scaled."""
+
+    def __init__(self) -> None:
+        self.p = torch.nn.Parameter(torch.zeros(64))
+
+    def parameters(self):
+        return [self.p]
+
+    def after_step(self) -> None:
+        pass
+
+    def loss(self, generator) -> torch.Tensor:
+        h = self.p.half() * torch.full((64,), 1e-4, dtype=torch.float16)  # the fp16 "network"
+        return ((h.float() - 1e-3) ** 2).mean()  # the loss itself in float32, as denoising_loss
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_loss_scaling_keeps_fp16_gradients_alive(scaling):
+    toy = _Fp16Toy()
+    train(toy, RefineConfig(steps=5, lr=1e-2), toy.loss, loss_scaling=scaling)
+    moved = toy.p.detach()
+    if scaling:
+        assert bool((moved > 0).all()), moved[:4]  # every entry stepped towards the target
+    else:
+        assert torch.equal(moved, torch.zeros(64))  # the fp16 gradients were all zero: nothing learnt
+
+
 def test_loop_stops_on_interrupt_and_on_divergence(tiny_hl):
     _, lora = _identity_and_lora(tiny_hl)
     param = RankRelaxed(lora, 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,6 +148,44 @@ def test_bf16_trains_and_its_compute_dtype_does_not_stay_on_the_model(comfy, set
     assert len(losses) == 3 and all(v == v and v < 1e3 for v in losses)
     assert s.model.model.manual_cast_dtype == before
     _assert_untouched(comfy, s)
+
+
+@pytest.fixture(scope="module")
+def fp16_model(comfy):
+    return tiny.tiny_sdxl(seed=0, dtype=torch.float16)  # fp16 weights, as ComfyUI loads SDXL on most GPUs
+
+
+def _unet_input_dtypes(model, run) -> set[torch.dtype]:
+    """The dtypes the UNet's first convolution saw while ``run()`` ran."""
+    seen: set[torch.dtype] = set()
+    conv = model.model.diffusion_model.input_blocks[0][0]
+    handle = conv.register_forward_pre_hook(lambda module, args: seen.add(args[0].dtype))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("precision,computes", [("auto", torch.float16), ("fp32", torch.float32)])
+def test_fp16_model_trains_in_the_asked_precision(comfy, setup, fp16_model, caplog, precision, computes):
+    """An fp16 MODEL: under auto (no bf16 on this device) training computes in fp16 with dynamic loss scaling;
+    precision fp32 really computes in float32 (the clone's compute dtype, undone afterwards)."""
+    s = SimpleNamespace(**{**vars(setup), "model": fp16_model})
+    runs = []
+    with caplog.at_level(logging.INFO, logger="hyperlora_pack_under_test.nodes.training"):
+        seen = _unet_input_dtypes(fp16_model, lambda: runs.append(
+            _run(s, _config("rank_relaxed", steps=4), precision=precision)))
+    result, losses = runs[0]
+    show(f"\nfp16 MODEL, precision {precision}: UNet saw {sorted(map(str, seen))}, losses "
+         f"{[round(v, 4) for v in losses]}")
+    assert seen == {computes}
+    scaled = [r.getMessage() for r in caplog.records if "loss scaling" in r.getMessage()]
+    assert bool(scaled) == (computes == torch.float16), scaled
+    assert len(losses) == 4 and all(v == v and v < 1e3 for v in losses)
+    residual = [v for k, v in result.lora.items() if k.endswith("lora_up.weight")]
+    assert any(float(v[:, -4:].abs().max()) > 0 for v in residual)  # the zero-initialised residual learnt
+    assert fp16_model.model.manual_cast_dtype is None and fp16_model.model.get_dtype() == torch.float16
 
 
 @pytest.mark.parametrize("sampling", ["eps", "v_prediction"])

@@ -84,13 +84,16 @@ def _patcher(model):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=offload)
 
 
-def tiny_sdxl(seed: int = 0, model_channels: int = 32):
-    """A ModelPatcher around SDXL (comfy.supported_models.SDXL) at ``model_channels`` (32: 23.6 M params)."""
+def tiny_sdxl(seed: int = 0, model_channels: int = 32, dtype=None):
+    """A ModelPatcher around SDXL (comfy.supported_models.SDXL) at ``model_channels`` (32: 23.6 M params);
+    ``dtype`` (e.g. torch.float16) sets the UNet's weight dtype as ComfyUI's loader does."""
     import comfy.supported_models
 
     config = dict(TINY_SDXL_CONFIG, model_channels=model_channels)
     supported = comfy.supported_models.SDXL(config)
     supported.unet_config["num_head_channels"] = 16  # BASE forces 64, which a 32-wide level cannot split
+    if dtype is not None:
+        supported.set_inference_dtype(dtype, None)
     model = supported.get_model({})
     randomise(model, seed)
     return _patcher(model)

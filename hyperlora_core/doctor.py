@@ -139,13 +139,11 @@ def _check_onnx(path: Path) -> Check:
 
 def check_packages(version: Callable[[str], str] = metadata.version,
                    providers: Callable[[], list[str]] | None = None) -> list[Check]:
-    checks = []
-    for dist, why in (("insightface", "face analysis"),):
-        try:
-            checks.append(Check(f"package {dist}", "ok", version(dist)))
-        except metadata.PackageNotFoundError:
-            checks.append(Check(f"package {dist}", "problem", f"not installed (needed for {why})",
-                                f"pip install {dist}"))
+    try:
+        checks = [Check("package insightface", "ok", version("insightface"))]
+    except metadata.PackageNotFoundError:
+        checks = [Check("package insightface", "problem", "not installed (needed for face analysis)",
+                        "pip install insightface")]
     installed = []
     for dist in ("onnxruntime", "onnxruntime-gpu"):
         try:

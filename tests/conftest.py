@@ -13,7 +13,16 @@ import torch  # noqa: E402
 from hyperlora_core import load_hyperlora  # noqa: E402
 from hyperlora_core.synthetic import TINY_UNET, write_checkpoint  # noqa: E402
 
+from comfyui_checkout import ensure_comfyui  # noqa: E402
 from helpers import TINY_CLIP_WIDTH  # noqa: E402
+from tiers import TierCounter  # noqa: E402
+
+ensure_comfyui()  # before tests/host/conftest.py reads COMFYUI_PATH
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; the only tests CI may skip")
+    config.pluginmanager.register(TierCounter(), "hyperlora-tiers")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

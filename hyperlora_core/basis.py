@@ -149,9 +149,12 @@ class BasisBank:
         bags = index.shape[0]
         out = torch.empty((bags, flat.d), dtype=torch.float32, device=coefs.device)
 
+        inference = torch.is_inference_mode_enabled()  # thread-local, like grad mode: carried into the workers
+
         def part(start: int, stop: int) -> int:
-            out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, per_sample_weights=weights[start:stop],
-                                              mode="sum")
+            with torch.inference_mode(inference), torch.no_grad():
+                out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, mode="sum",
+                                                  per_sample_weights=weights[start:stop])
             return stop - start
 
         workers = mixing_threads(flat.rows)

@@ -3,36 +3,21 @@ and its tokens equal transformers' CLIPVisionModel ``hidden_states[-2]`` on the 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import pack_module
+
 # ComfyUI stores vision encoders in fp16 on the CPU too (text_encoder_dtype) and computes in fp32 (manual_cast):
 # the reference runs in fp32 on the same fp16-rounded weights, so only summation order differs.
 BOUND = 1e-4
-
-
-def _handle_module():
-    package = "hyperlora_pack_under_test"
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(package, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.nodes.handle")
 
 
 def test_clip_folder_loads_through_comfy_clip_vision(comfy, tiny_clip_folder):
     transformers = pytest.importorskip("transformers")
     import comfy.clip_vision
 
-    handle = _handle_module()
+    handle = pack_module("nodes.handle")
     managed = handle.ManagedClip(tiny_clip_folder)
     assert isinstance(managed.clip_vision, comfy.clip_vision.ClipVisionModel)
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -52,7 +37,7 @@ def test_clip_folder_loads_through_comfy_clip_vision(comfy, tiny_clip_folder):
 
 
 def test_clip_folder_errors_are_ours(comfy, tmp_path):
-    handle = _handle_module()
-    errors = importlib.import_module("hyperlora_pack_under_test.hyperlora_core.errors")
+    handle = pack_module("nodes.handle")
+    errors = pack_module("hyperlora_core.errors")
     with pytest.raises(errors.ClipModelMissing, match="model.safetensors"):
         handle.ManagedClip(tmp_path)

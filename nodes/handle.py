@@ -14,7 +14,9 @@ Nothing heavy happens when the loader runs: it reads the checkpoint's headers. T
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -47,14 +49,15 @@ def offload(patcher: comfy.model_patcher.ModelPatcher | None) -> None:
 class ComfyClipVision:
     """hyperlora_core's ClipEncoder on ComfyUI's own CLIP_VISION model (same HF weights, same tokens).
 
-    The model belongs to the Load CLIP Vision node: it is offloaded after use, never freed here.
+    Connected from Load CLIP Vision, the model belongs to that node: it is offloaded after use, never freed here.
     """
 
-    loaded = False  # nothing of ours to load: ComfyUI loaded it
-
     def __init__(self, clip_vision) -> None:
-        self.clip_vision = clip_vision
-        self.loads = 0
+        self.clip_vision = clip_vision  # comfy.clip_vision.ClipVisionModel
+
+    @property
+    def loaded(self) -> bool:
+        return self.clip_vision is not None
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         cv = self.clip_vision
@@ -69,18 +72,15 @@ class ComfyClipVision:
         offload(self.clip_vision.patcher)
 
 
-class ManagedClip:
-    """The standalone CLIP encoder, built from its folder on first use and wrapped in a ModelPatcher."""
+class ManagedClip(ComfyClipVision):
+    """The CLIP folder beside the checkpoint, loaded on first use by ComfyUI's own ``comfy.clip_vision`` (as Load
+    CLIP Vision would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny
+    test towers too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
-        self.folder, self.dtype = folder, dtype
-        self.encoder = None  # hyperlora_core.clip.ClipVisionEncoder, while loaded
-        self.patcher: comfy.model_patcher.ModelPatcher | None = None
-        self.loads = 0  # how many times the tower was built from the file
-
-    @property
-    def loaded(self) -> bool:
-        return self.patcher is not None
+    def __init__(self, folder: Path) -> None:
+        super().__init__(None)
+        self.folder = folder
+        self.loads = 0  # how many times the tower was loaded from the file
 
     def spans(self) -> list[Span]:
         """Where the image tower lies in its file (headers only), for the read-ahead; nothing once loaded."""
@@ -92,20 +92,52 @@ class ManagedClip:
         return sf.spans(k for k in sf.keys() if k.startswith(prefix))
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.patcher is None:
-            from ..hyperlora_core.clip import ClipVisionEncoder
-
-            self.encoder = ClipVisionEncoder.from_folder(self.folder, device=mm.unet_offload_device(),
-                                                         dtype=self.dtype)
-            self.patcher = _patcher(self.encoder.visual)
+        if self.clip_vision is None:
+            self.clip_vision = load_clip_folder(self.folder)
             self.loads += 1
-        mm.load_model_gpu(self.patcher)
-        return self.encoder.encode(pixels.to(self.patcher.load_device)).to(mm.intermediate_device())
+        return super().encode(pixels)
 
     def release(self, free: bool) -> None:
-        offload(self.patcher)
+        if self.clip_vision is not None:
+            offload(self.clip_vision.patcher)
         if free:
-            self.encoder = self.patcher = None
+            self.clip_vision = None
+
+
+def load_clip_folder(folder: Path):
+    """A ``comfy.clip_vision.ClipVisionModel`` from an HF folder/file or an open_clip ``.safetensors``.
+
+    Every key and shape is checked by the core first (``inspect_clip``: the same clear errors as the CLI); only the
+    image tower's tensors are read, so a full CLIPModel file does not load its text tower.
+    """
+    import comfy.clip_vision
+    import comfy.utils
+
+    from ..hyperlora_core.clip import inspect_clip
+
+    config, sf, kind, prefix = inspect_clip(folder)
+    settings = {"model_type": "clip_vision_model", "num_channels": 3, "hidden_size": config.width,
+                "image_size": config.image_size, "intermediate_size": config.mlp_dim,
+                "num_attention_heads": config.heads, "num_hidden_layers": config.layers,
+                "patch_size": config.patch_size, "projection_dim": config.width,
+                "hidden_act": "quick_gelu" if config.quick_gelu else "gelu"}
+    with tempfile.TemporaryDirectory() as tmp:  # ClipVisionModel reads its settings from a JSON file
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(settings), encoding="utf-8")
+        model = comfy.clip_vision.ClipVisionModel(str(path))
+    state = {k: sf.tensor(k) for k in sf.keys() if k.startswith(prefix)}
+    if kind == "open_clip":
+        state = comfy.clip_vision.convert_to_transformers(state, prefix)
+    else:
+        state = {"vision_model." + k[len(prefix):]: v for k, v in state.items()}
+    missing, _ = model.load_sd(state)
+    missing = [k for k in missing if not k.startswith(("visual_projection", "vision_model.post_layernorm"))]
+    if missing:  # inspect_clip checked every key, so this is a naming change in ComfyUI itself
+        raise RuntimeError(f"CLIP vision model: ComfyUI did not take {len(missing)} tensors of '{sf.path}' "
+                           f"(first: {missing[0]}); load it with Load CLIP Vision and connect it instead.")
+    log.info("HyperLoRA: CLIP vision '%s' loaded by comfy.clip_vision (width %d, %d blocks).", sf.path,
+             config.width, config.layers)
+    return model
 
 
 class HyperLoRAHandle:
@@ -125,7 +157,7 @@ class HyperLoRAHandle:
             else:
                 from .folders import clip_folder
 
-                self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.dtype)
+                self.clip = ManagedClip(clip_folder(Path(checkpoint)))
         self._pipeline: IdentityPipeline | None = None
         self.readahead: ReadAhead | None = None  # the last read-ahead started
 
@@ -176,7 +208,7 @@ class HyperLoRAHandle:
         builds = Counter(self.core.builds)
         if isinstance(self.clip, ManagedClip):
             builds["clip"] = self.clip.loads
-        return {"networks": list(self.core.built), "clip": bool(self.clip is not None and self.clip.loaded),
+        return {"networks": list(self.core.built), "clip": isinstance(self.clip, ManagedClip) and self.clip.loaded,
                 "face_analyzer": self._pipeline is not None, "builds": dict(+builds)}
 
     def __repr__(self) -> str:

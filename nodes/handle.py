@@ -78,18 +78,17 @@ class ManagedClip(ComfyClipVision):
     test towers too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
     def __init__(self, folder: Path) -> None:
+        from ..hyperlora_core.clip import inspect_clip
+
         super().__init__(None)
         self.folder = folder
         self.loads = 0  # how many times the tower was loaded from the file
+        _, sf, _, prefix = inspect_clip(folder)  # headers only: a missing or broken file is named at once
+        self._spans = sf.spans(k for k in sf.keys() if k.startswith(prefix))
 
     def spans(self) -> list[Span]:
-        """Where the image tower lies in its file (headers only), for the read-ahead; nothing once loaded."""
-        if self.loaded:
-            return []
-        from ..hyperlora_core.clip import inspect_clip
-
-        _, sf, _, prefix = inspect_clip(self.folder)
-        return sf.spans(k for k in sf.keys() if k.startswith(prefix))
+        """Where the image tower lies in its file, for the read-ahead; nothing once loaded."""
+        return [] if self.loaded else self._spans
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.clip_vision is None:

@@ -137,6 +137,9 @@ def child(args) -> None:
         return HyperLoRAFromImage.execute(handle, image, True, False, -1, "error").args[0]
 
     handle = stage("load", lambda: HyperLoRAHandle(args.dir, faces, provider="cpu", dtype="fp32", **keep))
+    if args.load_only:
+        print(json.dumps({"mode": args.mode, "stages": result}))
+        return
     identity = stage("photo", lambda: from_image(images[0]))
     stage("lora", lambda: HyperLoRAToLoRA.execute(handle, identity, "id").args[0])
     identity = stage("photo2", lambda: from_image(images[1]))
@@ -149,7 +152,7 @@ def child(args) -> None:
 def run_child(args, mode: str) -> dict:
     set_cache(args.dir, "cold" if mode == "cold" else "warm")
     cmd = [sys.executable, __file__, "--child", mode, "--comfyui", str(args.comfyui), "--dir", str(args.dir),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--load-only"] if args.load_only else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "hyperlora_full")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--load-only", action="store_true",
+                        help="only Load HyperLoRA, warm and disk-cold (reads headers: no lock needed)")
     parser.add_argument("--child", choices=("warm", "cold", "keep"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.comfyui is None or not (Path(args.comfyui) / "comfy").is_dir():
@@ -216,6 +221,14 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} cores; checkpoint + CLIP "
           f"{sum(p.stat().st_size for p in data_files(args.dir)) / 2**30:.2f} GiB in {args.dir}")
+    if args.load_only:
+        loads = {m: [run_child(args, m)["stages"]["load"] for _ in range(args.rounds)] for m in ("warm", "cold")}
+        for mode, rows in loads.items():
+            t = statistics.median(r["s"] for r in rows)
+            print(f"Load HyperLoRA {mode:<5} {t * 1000:7.1f} ms (goal <= 100 ms, ratio {t / 0.1:.2f}); RSS after it "
+                  f"+{statistics.median(r['anon'] for r in rows) / 2**20:.1f} MiB anon, "
+                  f"+{statistics.median(r['file'] for r in rows) / 2**20:.1f} MiB file (goal <= 50 MiB)")
+        return
     runs: dict[str, list[dict]] = {"warm": [], "cold": [], "keep": []}
     for i in range(args.rounds):
         for mode in runs:

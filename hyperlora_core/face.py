@@ -76,10 +76,11 @@ class FaceResult:
     def ok(self) -> bool:
         return self.face is not None
 
-    def raise_for_failure(self) -> None:
-        """Raise FaceNotFoundError naming the image index when no face was chosen."""
+    def raise_for_failure(self, hint: str = "") -> None:
+        """Raise FaceNotFoundError naming the photo as a user counts it (from 1) when no face was chosen;
+        ``hint`` (the caller's advice for its own mode) is appended."""
         if self.face is None:
-            raise FaceNotFoundError(f"image {self.index}: {self.reason}")
+            raise FaceNotFoundError(f"photo {self.index + 1}: {self.reason}{hint}")
 
 
 def resolve_antelopev2(root: str | Path) -> Path:
@@ -279,7 +280,7 @@ class FaceAnalyzer:
         h, w = bgr.shape[:2]
         hint = "the photo is very dark; " if float(bgr.mean()) < 20.0 else ""
         return (f"no face found in this {w}x{h} photo ({hint}detector sizes tried: {tried}). Use a photo where the "
-                "face is clearly visible, frontal and lit, or leave this image out (skip failed images).")
+                "face is clearly visible, frontal and lit.")
 
 
 def _choose(boxes: np.ndarray, face_index: int | None) -> int | None:

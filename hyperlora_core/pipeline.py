@@ -23,6 +23,8 @@ from .model import HyperLoRA
 log = logging.getLogger(__name__)
 
 ON_FAILURE = ("error", "skip")
+# error mode, several photos: how to go on with the others (the node's widget words; the CLI's --skip-failed)
+SKIP_HINT = " To use the other photos without it, set on_failure: skip (--skip-failed on the command line)."
 Progress = Callable[[int, int], None]
 
 
@@ -92,10 +94,10 @@ class IdentityPipeline:
         for i, raw in enumerate(images):
             image = to_rgb8(raw, index=i)
             result = self.analyze(image, i, options)
-            reports.append(f"image {i}: {result.reason}")
+            reports.append(f"photo {i + 1}: {result.reason}")
             if not result.ok:
                 if on_failure == "error":
-                    result.raise_for_failure()
+                    result.raise_for_failure(SKIP_HINT if len(images) > 1 else "")
                 skipped[i] = result.reason
                 continue
             crops.append(clip_crop(image, result.face.landmark_106, remove_background=options.remove_background,
@@ -105,9 +107,9 @@ class IdentityPipeline:
             if progress is not None:
                 progress(i + 1, len(images))
         if not used:
-            raise ConditionError(f"no face found in any of the {len(images)} images ("
-                                 + "; ".join(f"image {i}: {r}" for i, r in skipped.items())
-                                 + "). Use photos where one face is clearly visible.")
+            raise ConditionError(f"no usable face in any of the {len(images)} photo(s), so on_failure: skip left "
+                                 "none to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in skipped.items())
+                                 + "). Give at least one photo where one face is clearly visible.")
         clip_tokens = self._encode_clip(crops) if "clip" in self.hyperlora.encoders else None
         id_embeds = torch.stack(embeds) if "arcface" in self.hyperlora.encoders else None
         return Conditions(clip_tokens=clip_tokens, id_embeds=id_embeds, used=used, skipped=skipped, previews=crops,

@@ -120,7 +120,7 @@ def test_largest_face_by_default_and_face_index_left_to_right(analyzer, face_ind
 def test_face_index_beyond_the_faces_found(analyzer):
     result = analyzer.analyze(three_faces(), index=1, face_index=3)
     assert not result.ok and result.n_faces == 3 and "only 3 face(s)" in result.reason
-    with pytest.raises(FaceNotFoundError, match="image 1: face_index 3"):
+    with pytest.raises(FaceNotFoundError, match="photo 2: face_index 3"):
         result.raise_for_failure()
 
 
@@ -130,7 +130,7 @@ def test_dark_image_gives_the_no_face_error_with_its_index(analyzer, detector_in
     assert not result.ok and result.n_faces == 0 and result.face is None
     assert "dark" in result.reason
     assert len(detector_inputs) == len(result.attempts) == 5  # 640, 640 padded, 512, 384, 256
-    with pytest.raises(FaceNotFoundError, match=r"^image 5: no face found"):
+    with pytest.raises(FaceNotFoundError, match=r"^photo 6: no face found"):
         result.raise_for_failure()
 
 

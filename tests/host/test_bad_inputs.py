@@ -65,7 +65,7 @@ def foreign_identity() -> Graph:
 
 # case -> (graph, node that must fail, words its message must hold (lower case))
 CASES = {
-    "image_without_a_face": (no_face, "HyperLoRAFromImage", ("face", "image 0")),
+    "image_without_a_face": (no_face, "HyperLoRAFromImage", ("face", "photo 1")),
     "corrupted_safetensors": (corrupt_checkpoint, None, ("hyper_lora_modules.safetensors",)),
     "sd15_model": (lambda: generate_with("HLTestTinySD15"), "ApplyHyperLoRA", ("sdxl", "transformer_blocks")),
     "sdxl_of_other_widths": (lambda: generate_with("HLTestTinySDXL", model_channels=64), "ApplyHyperLoRA",

@@ -30,7 +30,9 @@ class HyperLoRAExtension(ComfyExtension):
         from .refine import HyperLoRARefine
         from .slider import ConceptSlider
         from .storage import LoadHyperLoRAIdentity, SaveHyperLoRA, SaveHyperLoRAIdentity
+        from .trigger_check import register
 
         report_missing()
+        register()
         return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
                 SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine]

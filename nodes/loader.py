@@ -38,6 +38,13 @@ class LoadHyperLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint, face_analyzer) -> bool | str:
+        """At queue time, with the other node errors: a checkpoint or analyzer that is not installed."""
+        problems = [m for m in (folders.check_checkpoint(checkpoint), folders.check_face_analyzer(face_analyzer))
+                    if m is not True]
+        return " ".join(problems) or True
+
+    @classmethod
     def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None) -> io.NodeOutput:
         handle = HyperLoRAHandle(folders.checkpoint_path(checkpoint), folders.face_analyzer_path(face_analyzer),
                                  provider=provider, dtype=dtype, clip_vision=clip_vision)

@@ -1,4 +1,6 @@
-"""``python -m hyperlora_core doctor --models <ComfyUI models dir>``: every file the nodes need, checked.
+"""The doctor: every file and package the nodes need, checked. From ComfyUI's folder:
+``python custom_nodes/ComfyUI-HyperLoRA/doctor.py`` (or ``python -m hyperlora_core doctor --models <models dir>``
+from this package's folder).
 
 Each check reports ok / warn / problem, what it found, and the exact fix. It answers the commonest user
 reports: files in the wrong folder, a nested antelopev2 folder, git-LFS pointers instead of weights, truncated
@@ -17,9 +19,12 @@ from .errors import HyperLoRAError
 from .topology import SDXL, UNetSpec
 
 ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
+UNUSED_ANTELOPE = ("genderage.onnx", "1k3d68.onnx")  # in the download, never loaded by the nodes: a note at most
 CLIP_WIDTH = 1024  # ViT-L/14 token width, what the released resampler reads
+# leaves exactly one runtime, the one insightface depends on (README: "Face analysis on the GPU" for the other way)
+ONNXRUNTIME_FIX = "pip uninstall -y onnxruntime-gpu onnxruntime && pip install onnxruntime"
 MIN_ONNX_BYTES = 1024  # smaller than this is an empty file, an error page or a pointer
-STATUSES = ("ok", "warn", "problem")
+STATUSES = ("ok", "note", "warn", "problem")
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class Check:
     """One line of the doctor's table."""
 
     name: str  # what was checked
-    status: str  # "ok", "warn" or "problem"
+    status: str  # "ok", "note" (nothing to do), "warn" (works, worth fixing) or "problem" (does not work)
     detail: str  # what was found
     fix: str = ""  # the exact fix, empty when nothing is to be done
 
@@ -124,6 +129,14 @@ def check_insightface(models: Path) -> list[Check]:
 
 
 def _check_onnx(path: Path) -> Check:
+    check = _check_onnx_file(path)
+    if path.name in UNUSED_ANTELOPE and check.status == "problem":
+        return Check(check.name, "note", f"{check.detail}; the nodes never use it (insightface's "
+                     f"{'gender/age' if path.name.startswith('genderage') else '3D landmark'} model)")
+    return check
+
+
+def _check_onnx_file(path: Path) -> Check:
     name = f"antelopev2/{path.name}"
     if not path.is_file():
         return Check(name, "problem", "missing", f"put {path.name} from antelopev2 into {path.parent}/")
@@ -152,12 +165,11 @@ def check_packages(version: Callable[[str], str] = metadata.version,
             pass
     if not installed:
         checks.append(Check("onnxruntime", "problem", "not installed",
-                            "pip install onnxruntime-gpu (NVIDIA GPU) or pip install onnxruntime"))
+                            "pip install onnxruntime"))
     elif len(installed) == 2:
         checks.append(Check("onnxruntime", "warn", f"both installed ({', '.join(installed)}); they share one folder "
                             "and the last one installed wins",
-                            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
-                            "(or onnxruntime without an NVIDIA GPU)"))
+                            ONNXRUNTIME_FIX))
     else:
         checks.append(Check("onnxruntime", "ok", installed[0]))
     listed = providers() if providers is not None else _providers()
@@ -193,5 +205,6 @@ def format_table(checks: list[Check]) -> str:
         if c.fix:
             lines.append(f"{''.ljust(width)}  {'':<7}  fix: {c.fix}")
     problems = sum(c.status == "problem" for c in checks)
-    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s)")
+    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s), "
+                 f"{sum(c.status == 'note' for c in checks)} note(s)")
     return "\n".join(lines)

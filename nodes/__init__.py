@@ -9,8 +9,8 @@ from comfy_api.latest import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-OPTIONAL = {"insightface": "pip install insightface onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
-            "onnxruntime": "pip install onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)"}
+OPTIONAL = {"insightface": "pip install -r custom_nodes/ComfyUI-HyperLoRA/requirements.txt",
+            "onnxruntime": "pip install onnxruntime   (the runtime insightface depends on)"}
 
 
 def report_missing() -> list[str]:

@@ -208,3 +208,11 @@ def test_api_prompt_whose_text_comes_from_a_node_says_it_cannot_check(server):
     lines = warnings_after(server, generation_with(["apply", 1]))  # Apply HyperLoRA's trigger_words output
     show(f"\nlinked prompt text: {lines}")
     assert len(lines) == 1 and CANNOT_CHECK in lines[0] and "positive" in lines[0], lines
+
+
+# -- packaging: every module of nodes/ imports in the real ComfyUI (tests/test_packaging.py checks the imports) -------
+@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "nodes").glob("*.py") if p.stem != "__init__"))
+def test_each_nodes_module_imports_in_comfyui(comfy, module):
+    from test_refine import _pack_module
+
+    assert _pack_module(module).__name__.endswith(f".nodes.{module}")

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from .checkpoint import MODULES_JSON, open_checkpoint
 from .errors import HyperLoRAError
+from .sources import ANTELOPEV2, CHECKPOINT, CLIP_VIT_L14
 from .topology import SDXL, UNetSpec
 
+COMMAND = "python custom_nodes/ComfyUI-HyperLoRA/doctor.py"  # how users run it, from ComfyUI's folder
 ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
 UNUSED_ANTELOPE = ("genderage.onnx", "1k3d68.onnx")  # in the download, never loaded by the nodes: a note at most
 CLIP_WIDTH = 1024  # ViT-L/14 token width, what the released resampler reads
@@ -55,8 +57,8 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
     folders = [f for f in checkpoint_folders(models) if any(f.rglob(MODULES_JSON)) or any(f.glob("*.safetensors"))]
     if not folders:
         return [Check("HyperLoRA checkpoint", "problem", f"no checkpoint folder in {models / 'hyper_lora'}",
-                      f"put the released folder, e.g. sdxl_hyper_id_lora_v1_fidelity/ with {MODULES_JSON} and the "
-                      f"three .safetensors files, into {models / 'hyper_lora'}/")]
+                      f"download the released folder ({CHECKPOINT.origin}: {MODULES_JSON} and the three "
+                      f".safetensors files) into {models / 'hyper_lora'}/")]
     checks = []
     for folder in folders:
         name = f"checkpoint {folder.name}"
@@ -91,7 +93,7 @@ def check_clip(models: Path, width: int = CLIP_WIDTH) -> list[Check]:
             candidates += sorted(p for p in parent.iterdir() if p.is_dir() or p.suffix == ".safetensors")
     if not candidates:
         return [Check("CLIP ViT-L/14", "problem", "no CLIP vision model found",
-                      f"put openai/clip-vit-large-patch14 (config.json + model.safetensors) into "
+                      f"download {CLIP_VIT_L14.origin} (config.json + model.safetensors) into "
                       f"{models / 'hyper_lora' / 'clip_vit' / 'clip_vit_large_14'}/, or its .safetensors into "
                       f"{models / 'clip_vision'}/")]
     return [_check_clip_candidate(path, width) for path in candidates]
@@ -122,7 +124,8 @@ def check_insightface(models: Path) -> list[Check]:
                             f"move the .onnx files up into {base}/ and remove the inner folder"))
     if not folder.is_dir():
         return [Check("antelopev2", "problem", f"{base} does not exist",
-                      f"download antelopev2 ({', '.join(ANTELOPE_FILES)}) and put the files in {base}/")]
+                      f"download antelopev2 ({ANTELOPEV2.origin}: {', '.join(ANTELOPE_FILES)}) and put the "
+                      f"files in {base}/")]
     for name in ANTELOPE_FILES:
         checks.append(_check_onnx(folder / name))
     return checks

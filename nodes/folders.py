@@ -9,6 +9,7 @@ from pathlib import Path
 import folder_paths
 
 from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing
+from ..hyperlora_core.sources import ANTELOPEV2, CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ def check_choice(input_name: str, value: str, listed: list[str], where: str, wha
 
 def check_checkpoint(name: str) -> bool | str:
     return check_choice("checkpoint", name, checkpoints(), "Load HyperLoRA",
-                        f"put a released checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity/ with {MODULES_JSON}"
-                        f" and three .safetensors files) in {_roots_text(HYPER_LORA)}.")
+                        f"download a checkpoint folder ({CHECKPOINT.origin}: {MODULES_JSON} and three .safetensors "
+                        f"files) into {_roots_text(HYPER_LORA)}.")
 
 
 def check_face_analyzer(name: str) -> bool | str:
     return check_choice("face_analyzer", name, face_analyzers(), "Load HyperLoRA",
-                        f"put antelopev2 (the five .onnx files) in models/insightface/models/antelopev2/ "
-                        f"({_roots_text(INSIGHTFACE)}).")
+                        f"download antelopev2 ({ANTELOPEV2.origin}) and unpack its .onnx files into "
+                        f"models/insightface/models/antelopev2/ ({_roots_text(INSIGHTFACE)}).")
 
 
 def check_identity(name: str) -> bool | str:

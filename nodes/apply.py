@@ -83,7 +83,7 @@ class ApplyHyperLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL model."),
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
-                IdentityType.Input("identity", tooltip="From HyperLoRA Identity from Image or Load Identity."),
+                IdentityType.Input("identity", tooltip="From HyperLoRA Face (photos) or Load HyperLoRA Identity."),
                 io.Float.Input("id_strength", default=0.85, min=-2.0, max=2.0, step=0.01,
                                tooltip="LoRA weight of the identity; 0.75-0.85 is recommended."),
                 io.Float.Input("base_strength", default=0.0, min=-2.0, max=2.0, step=0.01,

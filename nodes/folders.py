@@ -90,13 +90,13 @@ def check_choice(input_name: str, value: str, listed: list[str], where: str, wha
 
 
 def check_checkpoint(name: str) -> bool | str:
-    return check_choice("checkpoint", name, checkpoints(), "Load HyperLoRA",
+    return check_choice("checkpoint", name, checkpoints(), "the HyperLoRA node",
                         f"download a checkpoint folder ({CHECKPOINT.origin}: {MODULES_JSON} and three .safetensors "
                         f"files) into {_roots_text(HYPER_LORA)}.")
 
 
 def check_face_analyzer(name: str) -> bool | str:
-    return check_choice("face_analyzer", name, face_analyzers(), "Load HyperLoRA",
+    return check_choice("face_analyzer", name, face_analyzers(), "the HyperLoRA node",
                         f"download antelopev2 ({ANTELOPEV2.origin}) and unpack its .onnx files into "
                         f"models/insightface/models/antelopev2/ ({_roots_text(INSIGHTFACE)}).")
 

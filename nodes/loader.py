@@ -14,10 +14,12 @@ class LoadHyperLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadHyperLoRA",
-            display_name="Load HyperLoRA",
+            display_name="HyperLoRA",  # the frontend's search puts an exact name first; any longer one loses to ids
+            # such as HyperLoRAHook (13 characters), which it ranks by length
             category=CATEGORY,
-            description="Loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with its face "
-                        "analyzer and CLIP encoder. Only file headers are read here; weights load on first use.",
+            description="Start here: loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with "
+                        "its face analyzer and CLIP encoder. Only file headers are read here; weights load on first "
+                        "use.",
             inputs=[
                 io.Combo.Input("checkpoint", options=folders.checkpoints(),
                                tooltip="Checkpoint folder in models/hyper_lora (hyper_lora_modules.json and the "

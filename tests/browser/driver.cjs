@@ -299,6 +299,13 @@ async function checkTemplates(page, config) {
   return { cards, categories: category };
 }
 
+// The frontend's own node search (what the search box shows, in order) for each query: node ids, best first.
+function searchNodes(queries) {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  const service = pinia._s.get("nodeDef").nodeSearchService;
+  return Object.fromEntries(queries.map((q) => [q, service.searchNode(q).slice(0, 12).map((d) => d.name)]));
+}
+
 async function loadWorkflow(page, graph, screenshot) {
   // load through the frontend as a user's drop would, then report what the app opened, showed and drew
   await page.evaluate(() => { window.__seen = { dialogs: [], toasts: [] }; });
@@ -373,6 +380,7 @@ async function main() {
       const shot = config.screenshot?.workflow === file ? config.screenshot.path : null;
       result.workflows[file] = await loadWorkflow(page, graph, shot);
     }
+    if (config.search) result.search = await page.evaluate(searchNodes, config.search);
     if (config.templates) result.templates = await checkTemplates(page, config);
     if (config.guardSelected) result.guardSelected = await checkGuardWithPromptSelected(page, config);
     if (config.saves) result.saves = await checkSavedPath(page, config);

@@ -65,7 +65,7 @@ def seen(request, tmp_path_factory) -> dict:
               "workflows": [str(p) for p in EXAMPLES], "guard": True, "words": TRIGGER, "tmp": str(tmp),
               "screenshot": {"workflow": str(shot) if shot else None, "path": str(tmp / "workflow.png")},
               "guardSelected": {"workflow": str(shot)} if shot else None,
-              "saves": {"checkpoint": "tiny_a", "analyzer": "models/antelopev2"},
+              "saves": {"checkpoint": "tiny_a", "analyzer": "models/antelopev2"}, "search": ["hyperlora", "face"],
               "templates": {"category": TEMPLATE_CATEGORY} if EXAMPLES else None}
     (tmp / "config.json").write_text(json.dumps(config))
     started = time.monotonic()
@@ -177,3 +177,13 @@ def test_template_cards_have_titles_and_thumbnails(seen):
     assert all(c["title"].startswith("HyperLoRA ") and "_" not in c["title"] for c in cards), cards
     assert all(c["thumbnail"] and (c["thumbnail"]["width"], c["thumbnail"]["height"]) == (512, 384)
                for c in cards), cards
+
+
+def test_search_puts_the_loader_and_the_face_node_first(seen):
+    """Point 11: the frontend's own search (1.27.10 matches node ids and display names, an exact name first, then
+    prefixes by length): "hyperlora" starts with the loader, "face" with the node that reads face photos."""
+    found = {q: [n for n in names if not n.startswith("HLTest")] for q, names in seen["search"].items()}  # test pack
+    show(f"\nsearch: {found}")
+    assert found["hyperlora"][0] == "LoadHyperLoRA", found
+    assert "HyperLoRAFromImage" in found["hyperlora"][:3], found
+    assert found["face"][0] == "HyperLoRAFromImage", found

@@ -95,7 +95,7 @@ def test_an_unknown_checkpoint_is_refused_when_queued_with_the_choices(server):
     details = " ".join(e["details"] for e in errors)
     assert "checkpoint 'sdxl_hyper_id_lora_v1_fidelity' is not installed" in details, details
     assert "tiny_a" in details and "tiny_b" in details, details  # the ones that are
-    assert "Pick one in Load HyperLoRA's checkpoint list" in details, details
+    assert "Pick one in the HyperLoRA node's checkpoint list" in details, details
 
 
 def test_an_unknown_identity_file_is_refused_when_queued(server):

@@ -115,9 +115,10 @@ def test_an_unknown_identity_file_is_refused_when_queued(server):
 def test_no_checkpoint_at_all_says_where_to_put_one(comfy, tmp_path, monkeypatch):
     """Point 5, empty folders: the message says there is none and where the folder goes."""
     import folder_paths
-    from test_refine import _pack_module
 
-    folders = _pack_module("folders")
+    from helpers import pack_module
+
+    folders = pack_module("nodes.folders")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "hyper_lora", ([str(tmp_path)], set()))
     message = folders.check_checkpoint("sdxl_hyper_id_lora_v1_fidelity")
     assert "there is none yet" in message and str(tmp_path) in message and "press R" in message, message
@@ -213,6 +214,6 @@ def test_api_prompt_whose_text_comes_from_a_node_says_it_cannot_check(server):
 # -- packaging: every module of nodes/ imports in the real ComfyUI (tests/test_packaging.py checks the imports) -------
 @pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "nodes").glob("*.py") if p.stem != "__init__"))
 def test_each_nodes_module_imports_in_comfyui(comfy, module):
-    from test_refine import _pack_module
+    from helpers import pack_module
 
-    assert _pack_module(module).__name__.endswith(f".nodes.{module}")
+    assert pack_module(f"nodes.{module}").__name__.endswith(f".nodes.{module}")

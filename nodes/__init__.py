@@ -9,7 +9,8 @@ from comfy_api.latest import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-OPTIONAL = {"insightface": "pip install -r custom_nodes/ComfyUI-HyperLoRA/requirements.txt",
+OPTIONAL = {"insightface": "pip install insightface onnxruntime   (or everything: pip install -r "
+                           "custom_nodes/ComfyUI-HyperLoRA/requirements.txt)",
             "onnxruntime": "pip install onnxruntime   (the runtime insightface depends on)"}
 
 

@@ -64,8 +64,8 @@ def _find_dir(kind: str, name: str) -> Path | None:
     Containment is judged on the name as listed, not on where a symlink leads: models folders shared through
     symlinks work, while an absolute name or one with ``..`` is refused.
     """
-    parts = Path(name.replace("\\", "/")).parts
-    if not parts or Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+    parts = Path(name.replace("\\", "/")).parts  # "." (files right in the root) has none: the root itself
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\0" in name:
         return None
     for root in _roots(kind):
         path = root.joinpath(*parts)
@@ -124,7 +124,7 @@ def face_analyzers() -> list[str]:
             rel = Path(folder).relative_to(root)
             if len(rel.parts) >= 3:
                 subs.clear()
-            if DETECTOR in files and rel.parts:
+            if DETECTOR in files:
                 found.append(rel.as_posix())
     return sorted(set(found))
 

@@ -127,7 +127,7 @@ def test_no_checkpoint_at_all_says_where_to_put_one(comfy, tmp_path, monkeypatch
     assert folders.checkpoints() == []
     (tmp_path / "outside").mkdir()
     assert folders._find_dir("hyper_lora", "hyper_lora") == tmp_path / "hyper_lora"
-    for name in ("../" + tmp_path.name, str(tmp_path / "outside"), "hyper_lora/../outside", "C:/outside"):
+    for name in ("../" + tmp_path.name, str(tmp_path / "outside"), "hyper_lora/../outside", "C:/outside", "a\0b"):
         assert folders._find_dir("hyper_lora", name) is None, name
 
 

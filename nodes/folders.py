@@ -74,8 +74,9 @@ def _find_dir(kind: str, name: str) -> Path | None:
     return None
 
 
-def _roots_text(kind: str) -> str:
-    return ", ".join(map(str, _roots(kind))) or f"models/{kind} (it does not exist yet)"
+def _first_folder(kind: str) -> str:
+    """Where a download of ``kind`` goes: its first registered folder (it may not exist yet)."""
+    return str(Path(folder_paths.get_folder_paths(kind)[0]))
 
 
 def check_choice(input_name: str, value: str, listed: list[str], where: str, what: str) -> bool | str:
@@ -92,13 +93,13 @@ def check_choice(input_name: str, value: str, listed: list[str], where: str, wha
 def check_checkpoint(name: str) -> bool | str:
     return check_choice("checkpoint", name, checkpoints(), "the HyperLoRA node",
                         f"download a checkpoint folder ({CHECKPOINT.origin}: {MODULES_JSON} and three .safetensors "
-                        f"files) into {_roots_text(HYPER_LORA)}.")
+                        f"files) into {_first_folder(HYPER_LORA)}/.")
 
 
 def check_face_analyzer(name: str) -> bool | str:
     return check_choice("face_analyzer", name, face_analyzers(), "the HyperLoRA node",
                         f"download antelopev2 ({ANTELOPEV2.origin}) and unpack its .onnx files into "
-                        f"models/insightface/models/antelopev2/ ({_roots_text(INSIGHTFACE)}).")
+                        f"{Path(_first_folder(INSIGHTFACE)) / 'models' / 'antelopev2'}/.")
 
 
 def check_identity(name: str) -> bool | str:

@@ -70,6 +70,30 @@ def test_symlinked_model_folders_are_listed_and_run(server, shared_disk):
     assert {"load_linked", "from_image_linked"} <= set(run.executed), run.executed
 
 
+def test_identity_files_in_a_symlinked_folder_load(server, tmp_path):
+    """Point 2 for identities: a subfolder of models/hyper_lora/identities linked to a shared disk."""
+    g = Graph()
+    hl, ident = identity(g, tag="_to_share", image_seed=9)
+    g.add("save_to_share", "SaveHyperLoRAIdentity", identity=ident, filename_prefix="to_share", storage="fp16")
+    run = server.server.run(g.prompt())
+    assert run.status == "success", (run.error, run.response)
+    saved = server.root / run.outputs("save_to_share")["saved_path"][0]
+    disk = tmp_path / "shared_identities"
+    disk.mkdir()
+    saved.rename(disk / "me.safetensors")
+    link = server.models / "hyper_lora" / "identities" / "shared"
+    link.symlink_to(disk, target_is_directory=True)
+    try:
+        assert "shared/me.safetensors" in options(server, "LoadHyperLoRAIdentity", "identity")
+        g = Graph()
+        loaded = g.add("load_shared", "LoadHyperLoRAIdentity", identity="shared/me.safetensors")
+        g.add("resave", "SaveHyperLoRAIdentity", identity=g.out(loaded), filename_prefix="from_shared", storage="fp16")
+        run = server.server.run(g.prompt())
+        assert run.status == "success", (run.error, run.response)
+    finally:
+        link.unlink()
+
+
 def test_a_name_leading_out_of_the_folder_is_refused(server):
     """Point 2's guard stays: '..' and absolute names never reach the file system, even though they exist."""
     g = Graph()

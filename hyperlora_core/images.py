@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND = 127  # #7f7f7f, what transparent pixels become
 _FLOAT_SLACK = 1.5  # floats above this are taken for a wrong scale, not an HDR overshoot
+MAX_PIXELS = 128 << 20  # ~134 MP (about 11600²): above it a photo is refused before any copy is made
 
 
 def to_rgb8(image: object, index: int = 0) -> np.ndarray:
@@ -83,6 +84,11 @@ def _from_array(arr: np.ndarray, index: int) -> np.ndarray:
                                f"1-4 channels{hint}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageFormatError(f"image {index}: the image is empty (shape {tuple(arr.shape)})")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ImageFormatError(
+            f"image {index}: {arr.shape[1]} × {arr.shape[0]} pixels ({arr.shape[0] * arr.shape[1] / 1e6:.0f} MP) is "
+            f"above the {MAX_PIXELS / 1e6:.0f} MP limit; faces are analysed at 640 px, so downscale the photo "
+            "first (e.g. Upscale Image By 0.25)")
     unit = _to_unit_range(arr, index)  # float32 in [0, 1], or None when arr is already uint8
     if unit is None:
         rgb8 = _channels_u8(arr)
@@ -106,7 +112,9 @@ def _to_unit_range(arr: np.ndarray, index: int) -> np.ndarray | None:
     if np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise ImageFormatError(f"image {index}: contains NaN or infinite values")
+            raise ImageFormatError(f"image {index}: contains NaN or infinite pixel values; it is not a usable photo. "
+                                   "Check the node that made it (an fp16 VAE decode can give NaN) or load the "
+                                   "photo from its file")
         lo, hi = float(arr.min()), float(arr.max())
         if hi > _FLOAT_SLACK or lo < -0.5:
             raise ImageFormatError(f"image {index}: float values {lo:.3g}..{hi:.3g}; images must be in [0, 1] "

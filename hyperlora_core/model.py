@@ -63,6 +63,12 @@ class HyperLoRA:
     def has_base(self) -> bool:
         return self.checkpoint.has_base
 
+    @property
+    def clip_width(self) -> int:
+        """Width of the CLIP tokens the resampler reads (1024: ViT-L/14's penultimate hidden states)."""
+        cfg = self.checkpoint.resampler
+        return cfg.y_dim if cfg.two_conditions else cfg.x_dim
+
     # -- lazy networks -----------------------------------------------------------------------------------
     def _build(self, cls: type[torch.nn.Module], config: object, role: str) -> torch.nn.Module:
         """Build on the meta device and adopt the memory-mapped tensors: no random init, no extra copy."""
@@ -131,7 +137,7 @@ class HyperLoRA:
         if "clip" in needs and clip_tokens is None:
             raise ConditionError(f"this checkpoint reads CLIP tokens ({' + '.join(needs)}); "
                                  "pass clip_tokens [B, 257, 1024] from CLIP ViT-L/14")
-        clip = _check("clip_tokens", clip_tokens, 3, cfg.y_dim if cfg.two_conditions else cfg.x_dim)
+        clip = _check("clip_tokens", clip_tokens, 3, self.clip_width)
         if "arcface" in needs:
             embeds = _check("id_embeds", id_embeds, 2, self.checkpoint.id_projector.embed_dim)
             x = self.id_projector()(embeds.to(self.compute_device, self.dtype))

@@ -87,7 +87,8 @@ class IdentityPipeline:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if len(images) == 0:
-            raise ConditionError("no reference image given: connect at least one photo of the person")
+            raise ConditionError("no reference image given (the image batch is empty): connect at least one photo "
+                                 "of the person to the image input")
         crops, embeds, used, skipped, reports = [], [], [], {}, []
         for i, raw in enumerate(images):
             image = to_rgb8(raw, index=i)

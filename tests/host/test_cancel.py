@@ -10,19 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from comfy_server import show
-from graphs import Graph, generation, saved_image
+from graphs import Graph, generation, saved_image, tiny_model
 from verdicts import assert_good_prompt_runs, explain, from_image, loader
 
 from hyperlora_core.basis import PROGRESS_STEPS as MIXING_STEPS  # progress updates of one basis mixing
 
 
 def cancelled_identity(batch: int) -> Graph:
-    """FromImage on ``batch`` copies of one photo, with Cancel pressed after the first is analysed."""
+    """FromImage on ``batch`` copies of one photo, with Cancel pressed after the first is analysed; the MODEL passes
+    through the Cancel node, so that it stays in ComfyUI's cache (which keeps only the last prompt's nodes)."""
     g = Graph()
     hl = loader(g)
     photo = g.add("photo_c", "HLTestFaceImage", seed=11, face=True)
     many = g.add("many", "RepeatImageBatch", image=g.out(photo), amount=batch)
-    armed = g.add("cancel", "HLTestCancelAt", node="from_image_c", after=1, image=g.out(many))
+    armed = g.add("cancel", "HLTestCancelAt", node="from_image_c", after=1, image=g.out(many), model=tiny_model(g))
     from_image(g, hl, g.out(armed, 1), tag="_c")
     return g
 
@@ -50,8 +51,8 @@ def test_cancel_stops_our_node_and_leaves_the_cached_model_bit_identical(server,
         node, total, run = "apply", MIXING_STEPS, s.run(cancelled_mixing(f"cancel_{where}").prompt())
     kinds = [m["type"] for m in run.messages]
     stopped = [m["data"] for m in run.messages if m["type"] == "execution_interrupted"]
-    show(f"\ncancel during {where}: {node} reported {progress_of(run, node)} of {total}; "
-         f"interrupted at {stopped[0]['node_id'] if stopped else None}")
+    show(f"\ncancel during {where}: {node} sent progress {progress_of(run, node)} of {total} (the Cancel lands in "
+         f"update 1, before it is sent); interrupted at {stopped[0]['node_id'] if stopped else None}")
     assert stopped and stopped[0]["node_id"] == node, kinds
     assert "execution_success" not in kinds and "execution_error" not in kinds, kinds
     assert max(progress_of(run, node), default=0) < total

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ SEEN_PHOTOS = (1, 2, 3, 4)  # image seeds of the photos "same_photo" comes back 
 STRENGTHS = (0.5, 0.85, 1.2)
 RSS_EVERY = 50
 OUR_ERRORS = ("hyperlora_core.errors.",)  # module path of the exception types our nodes raise
+# files other libraries keep in TMPDIR by design, one each, never growing: name -> who writes it
+FOREIGN_TEMP = {".ses": "onnxruntime's telemetry session record, written when its first InferenceSession starts"}
 
 
 # -- prompts ------------------------------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class SoakResult:
     rss: dict[int, int] = field(default_factory=dict)  # prompts done -> server RSS in bytes
     queue: dict = field(default_factory=dict)  # /queue at the end: running and pending counts
     temp_files: list[str] = field(default_factory=list)  # temporary files left in the server's TMPDIR or saves
+    foreign_temp: list[str] = field(default_factory=list)  # FOREIGN_TEMP files found in the server's TMPDIR
 
     def failures(self) -> list[Record]:
         """Good prompts that failed, and bad ones that did not fail with our error."""
@@ -194,11 +196,11 @@ def newest_identity(identity_folders: list[Path], after: float) -> str | None:
     return max(files)[1] if files else None
 
 
-def leftovers(server, root: Path) -> list[str]:
-    """Files in the server's own TMPDIR, and half-written saves (our temporary names) anywhere under the root."""
-    found = [str(p) for p in server.tmp.rglob("*") if p.is_file()]
-    found += [str(p) for p in root.rglob(".*.tmp")]
-    return sorted(found)
+def leftovers(server, root: Path) -> tuple[list[str], list[str]]:
+    """(files left in the server's own TMPDIR and half-written saves anywhere under the root, FOREIGN_TEMP files)."""
+    in_tmp = [p for p in server.tmp.rglob("*") if p.is_file()]
+    found = [str(p) for p in in_tmp if p.name not in FOREIGN_TEMP] + [str(p) for p in root.rglob(".*.tmp")]
+    return sorted(found), sorted(str(p) for p in in_tmp if p.name in FOREIGN_TEMP)
 
 
 def soak(server, root: Path, prompts: int, identity_folders: list[Path], log=None, progress=None) -> SoakResult:
@@ -230,7 +232,7 @@ def soak(server, root: Path, prompts: int, identity_folders: list[Path], log=Non
                 log(f"prompt {i}: server RSS {result.rss[i] / 2**20:.1f} MiB")
     queue = server.get_json("/queue")
     result.queue = {"running": len(queue["queue_running"]), "pending": len(queue["queue_pending"])}
-    result.temp_files = leftovers(server, root)
+    result.temp_files, result.foreign_temp = leftovers(server, root)
     return result
 
 
@@ -245,7 +247,7 @@ def latency_table(result: SoakResult) -> list[tuple[str, int, int, float, float,
     for r in result.records:
         by_kind.setdefault(r.kind, []).append(r)
     wrong = {id(r) for r in result.failures()}
-    plain = statistics.median(r.seconds for r in by_kind.get("plain", result.records))
+    plain = percentile([r.seconds for r in by_kind.get("plain", result.records)], 0.5)
     rows = []
     for kind in dict.fromkeys((*SCHEDULE, "bad")):
         records = by_kind.get(kind, [])
@@ -266,7 +268,9 @@ def report(result: SoakResult) -> str:
     lines += ["", "| after prompt | server RSS (MiB) | vs. after prompt " + str(first) + " |", "|---:|---:|---:|"]
     lines += [f"| {n} | {b / 2**20:.1f} | {b / result.rss[first]:.3f}x |" for n, b in sorted(result.rss.items())]
     lines += ["", f"queue at the end: {result.queue['running']} running, {result.queue['pending']} pending; "
-              f"temporary files left: {len(result.temp_files)}; prompts not as expected: {len(result.failures())}"]
+              f"temporary files left: {len(result.temp_files)} (besides {len(result.foreign_temp)} of "
+              f"{', '.join(FOREIGN_TEMP)}: {'; '.join(FOREIGN_TEMP.values())}); "
+              f"prompts not as expected: {len(result.failures())}"]
     lines += [f"  #{r.index} {r.kind} {r.detail}: {r.status} {r.message[:200]}" for r in result.failures()[:10]]
     return "\n".join(lines)
 
@@ -320,7 +324,8 @@ def main() -> None:
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps({"records": [asdict(r) for r in result.records], "rss": result.rss,
-                                         "queue": result.queue, "temp_files": result.temp_files}, indent=1))
+                                         "queue": result.queue, "temp_files": result.temp_files,
+                                         "foreign_temp": result.foreign_temp}, indent=1))
 
 
 if __name__ == "__main__":

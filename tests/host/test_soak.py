@@ -35,6 +35,7 @@ def test_soak_holds_memory_and_answers_every_prompt(server):
     assert not result.failures(), soak.report(result)
     assert result.queue == {"running": 0, "pending": 0}, result.queue
     assert result.temp_files == [], result.temp_files
+    assert len(result.foreign_temp) <= len(soak.FOREIGN_TEMP), result.foreign_temp
     first, last = result.rss[soak.RSS_EVERY], result.rss[PROMPTS]
     assert abs(last / first - 1) <= RSS_GROWTH, f"RSS {first / 2**20:.1f} MiB after prompt 50, " \
                                                 f"{last / 2**20:.1f} MiB after prompt {PROMPTS}"

@@ -60,7 +60,7 @@ class HyperLoRAHandle:
         self.patcher = comfy.model_patcher.ModelPatcher(self.core.networks(), load_device=mm.get_torch_device(),
                                                         offload_device=mm.unet_offload_device())
         self.clip = None
-        if "clip" in self.core.encoders:
+        if "clip" in self.core.encoders or self.core.has_base:  # the base resampler reads CLIP tokens too
             if clip_vision is not None:
                 self.clip = ComfyClipVision(clip_vision)
             else:

@@ -276,7 +276,7 @@ def _first_detection_embedding(self, rgb, face):
     """The previous ArcFace input: aligned from the first full-image detection's keypoints."""
     aligned = np.ascontiguousarray(crops.arcface_crop(rgb, face.kps)[:, :, ::-1])
     emb = np.asarray(self._recognition.get_feat(aligned), np.float32).reshape(-1)
-    return (emb / np.linalg.norm(emb), face.kps), 1
+    return (emb / np.linalg.norm(emb), face.kps), 1, (self.det_size, False)
 
 
 KEEP = {"clip_crop": crops.clip_crop}

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from nodepack import tiny
-from test_refine import _pack_module
 
 from hyperlora_core import load_hyperlora, lora_delta
 from hyperlora_core.synthetic import write_checkpoint
+
+from helpers import pack_module
 
 TARGET = "diffusion_model.output_blocks.2.1.transformer_blocks.7.attn2.to_k"
 
@@ -30,7 +31,7 @@ def base_setup(comfy, tmp_path_factory):
     with_base = hl.predict_identity(clip_tokens=clip, id_embeds=arc, base_clip_tokens=torch.randn(2, 257, 1024,
                                                                                                   generator=g))
     without = hl.predict_identity(clip_tokens=clip, id_embeds=arc)
-    return SimpleNamespace(apply=_pack_module("apply"), handle=SimpleNamespace(core=hl), with_base=with_base,
+    return SimpleNamespace(apply=pack_module("nodes.apply"), handle=SimpleNamespace(core=hl), with_base=with_base,
                            without=without)
 
 

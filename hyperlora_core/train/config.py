@@ -14,6 +14,11 @@ from typing import Any
 
 import tomllib
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
+    import tomli as tomllib
+
 from ..config import TRIGGER_WORDS
 from ..errors import HyperLoRAError
 
@@ -168,13 +173,15 @@ class DataConfig:
     resolution: int = 1024  # training resolution in pixels (the comfy backend's latents are 1/8 of it)
     toy_identities: int = 8  # toy backend: number of synthetic identities
     toy_images: int = 12  # toy backend: training images per identity
+    toy_pretrain: int = 300  # toy backend: generic denoising steps that make the frozen base model
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise TrainConfigError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "comfy" and not self.base_model:
             raise TrainConfigError("data.base_model is required with backend 'comfy' (a .safetensors checkpoint)")
-        _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images)
+        _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images,
+                  toy_pretrain=self.toy_pretrain)
 
 
 SECTIONS = {"model": ModelConfig, "stage": StageConfig, "optim": OptimConfig, "run": RunConfig, "data": DataConfig}

@@ -73,7 +73,7 @@ class Trainer:
             denoiser.gradient_checkpointing = run.gradient_checkpointing
         self.net = HyperNetwork(config.model, denoiser.targets, denoiser.unet).to(self.device)
         if config.stage.init:
-            self.net.load_state_dict(_read_weights(Path(config.stage.init)), strict=True)
+            self.net.load_state_dict(read_weights(Path(config.stage.init)), strict=True)
         trainable = {id(p) for g in self.stage.trains for p in self.net.groups()[g]}
         for p in self.net.parameters():
             p.requires_grad_(id(p) in trainable)
@@ -210,8 +210,12 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "optimizer.safetensors"))
             if ema is not None:
                 save_file(ema, str(tmp / "ema.safetensors"))
-            (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "config": self.config.to_dict(),
-                                                      "param_groups": groups}, indent=1))
+            unet = self.denoiser.unet
+            (tmp / STATE_FILE).write_text(json.dumps({
+                "step": self.step, "config": self.config.to_dict(), "param_groups": groups,
+                "targets": [m.sgm for m in self.denoiser.targets],
+                "unet": {"name": unet.name, "level_widths": list(unet.level_widths), "context_dim": unet.context_dim},
+            }, indent=1))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
             for old in sorted(self.out.glob("step_*[0-9]"))[: -self.config.run.keep]:
@@ -225,9 +229,9 @@ class Trainer:
         """Continue from a training checkpoint of this stage: weights, optimiser, EMA and step."""
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
-        saved = state["config"]
+        saved = TrainConfig.from_dict(state["config"], where=str(folder / STATE_FILE))
         for section in ("model", "stage"):
-            if saved[section] != self.config.to_dict()[section]:
+            if getattr(saved, section) != getattr(self.config, section):
                 raise ResumeError(f"'{folder}' was trained with a different [{section}] section; resume it with "
                                   f"its own config (stored in {folder / STATE_FILE})")
         flat = load_file(str(folder / "optimizer.safetensors"))
@@ -235,7 +239,7 @@ class Trainer:
         for key, value in flat.items():
             fqn, name = key.split("::")
             optim_state.setdefault(fqn, {})[name] = value
-        set_state_dict(self.model, self.optimizer, model_state_dict=_read_weights(folder),
+        set_state_dict(self.model, self.optimizer, model_state_dict=read_weights(folder),
                        optim_state_dict={"state": optim_state, "param_groups": state["param_groups"]}, options=FULL)
         if self.ema is not None and (folder / "ema.safetensors").exists():
             ema = load_file(str(folder / "ema.safetensors"))
@@ -265,8 +269,9 @@ def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full.to(like.device)
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / "weights.safetensors"
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The hypernetwork weights of a training checkpoint (a step_<n> folder)."""
+    path = Path(folder) / "weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint '{folder}' has no weights.safetensors; give a step_<n> folder "
                                 "written by python -m hyperlora_core.train run")

@@ -1,0 +1,5 @@
+"""Placeholder replaced below."""
+
+
+def add_arguments(parser):
+    return parser

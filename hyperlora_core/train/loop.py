@@ -83,7 +83,7 @@ class Trainer:
         self.model = self._wrap()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-        self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad} \
+        self.ema = {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad} \
             if optim.ema else None
         self.step = 0
         self.out = Path(run.out)
@@ -141,7 +141,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             with torch.no_grad():
-                for n, p in self.model.named_parameters():
+                for n, p in self.net.named_parameters():
                     if n in self.ema:
                         self.ema[n].lerp_(p.detach(), 1 - config.optim.ema)
         self.step += 1
@@ -193,10 +193,10 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-        """(full weights, flat optimiser tensors, optimiser param groups), gathered on every rank."""
+        """(full weights, flat optimiser tensors, optimiser param groups) on rank 0 (empty on the others)."""
         weights, optim = get_state_dict(self.model, self.optimizer, options=FULL)
-        flat = {f"{fqn}::{k}": v for fqn, s in optim["state"].items() for k, v in s.items()}
-        return weights, flat, optim["param_groups"]
+        flat = {f"{fqn}::{k}": v for fqn, s in optim.get("state", {}).items() for k, v in s.items()}
+        return weights, flat, optim.get("param_groups", [])
 
     def save(self) -> Path:
         weights, flat, groups = self.state()
@@ -248,11 +248,13 @@ class Trainer:
         self.step = int(state["step"])
 
     def full_weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
-        """The whole hypernetwork's weights (the EMA where there is one and ``ema``), on every rank."""
+        """The whole hypernetwork's weights (the EMA where there is one and ``ema``) on rank 0; call on all ranks."""
         weights = get_model_state_dict(self.model, options=FULL) if self.world > 1 else \
             {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
         if ema and self.ema is not None:
-            weights.update({n: _local(t).detach().cpu() for n, t in self.ema.items()})
+            averaged = {n: _local(t).detach().cpu() for n, t in self.ema.items()}  # collective under FSDP
+            if self.rank == 0:
+                weights.update(averaged)
         return weights
 
 

@@ -166,3 +166,16 @@ def test_export_round_trip(toy, staged, tmp_path, dtype, tol):
             worst = max(worst, float((delta - up[0] @ down[0]).abs().max() / delta.abs().max()))
     _show(f"worst relative LoRA difference, load_hyperlora vs trainer graph: {worst:.2e}")
     assert worst < tol
+
+
+def test_validation_every_n_steps(toy, tmp_path):
+    from hyperlora_core.train.validate import toy_validation
+
+    denoiser, data = toy
+    config = toy_config(tmp_path, 1, 6, run={"out": str(tmp_path), "batch": 4, "validate_every": 3,
+                                             "checkpoint_every": 1000})
+    trainer = Trainer(config, denoiser, data, validate=toy_validation(denoiser, data, config.stage))
+    trainer.train(progress=False)
+    rows = [r for r in trainer.history if "val/heldout_loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(0 < r["val/heldout_loss"] < 10 and 0 <= r["val/identity_wins"] <= 8 for r in rows)

@@ -53,7 +53,12 @@ def _run(args: argparse.Namespace) -> int:
         config = config.replace(optim={"steps": args.steps})
     _init_distributed()
     denoiser, data = build_backend(config)
-    trainer = Trainer(config, denoiser, data)
+    validate = None
+    if config.data.backend == "toy":
+        from .validate import toy_validation
+
+        validate = toy_validation(denoiser, data, config.stage)
+    trainer = Trainer(config, denoiser, data, validate=validate)
     resume = latest_checkpoint(config.run.out) if args.resume == "auto" else args.resume
     if resume:
         trainer.resume(resume)

@@ -58,7 +58,7 @@ class Trainer:
     """Trains ``config.stage`` of a HyperNetwork on ``denoiser`` with ``data``; see the module docstring."""
 
     def __init__(self, config: TrainConfig, denoiser: Denoiser, data: Dataset, *,
-                 validate: Callable[[Trainer], dict[str, float]] | None = None) -> None:
+                 validate: Callable[[HyperNetwork], dict[str, float]] | None = None) -> None:
         self.config, self.denoiser, self.data, self.validate_fn = config, denoiser, data, validate
         self.stage = STAGES[config.stage.stage]
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -89,6 +89,7 @@ class Trainer:
         self.out = Path(run.out)
         self.writer = None
         self.last_stats: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # everything logged, with its step (rank 0)
 
     def _wrap(self) -> torch.nn.Module:
         if self.world == 1:
@@ -174,16 +175,29 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if run.validate_every and self.validate_fn and self.step % run.validate_every == 0:
-                self.log({f"val/{k}": v for k, v in self.validate_fn(self).items()})
+                self.validate()
             if self.step % run.checkpoint_every == 0 or self.step == self.config.optim.steps:
                 self.save()
         if bar is not None:
             bar.close()
         return self.last_stats
 
+    def validate(self) -> dict[str, float]:
+        """Run the validation function on the full (EMA) weights, on rank 0; logged as val/<name>."""
+        weights = self.full_weights()
+        if self.rank != 0:
+            return {}
+        net = HyperNetwork(self.config.model, self.denoiser.targets, self.denoiser.unet).to(self.device)
+        net.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            values = {f"val/{k}": v for k, v in self.validate_fn(net.eval()).items()}
+        self.log(values)
+        return values
+
     def log(self, values: dict[str, float]) -> None:
         if self.rank != 0:
             return
+        self.history.append({"step": self.step, **values})
         if self.writer is None:
             self.writer = _writer(self.out / "logs")
         if self.writer:

@@ -8,7 +8,7 @@ shared by every column, so the columns differ only by the LoRA. Letters: ``b`` s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,3 +64,16 @@ def id_only_drift(net: HyperNetwork, denoiser: Denoiser, batch: Batch, *, repeat
     factors = net(batch.clip.repeat(repeats, 1, 1), batch.arcface.repeat(repeats, 1) if use_arcface else None,
                   None)["id"]
     return float((denoiser.predict(x_t, t, context, factors) - denoiser.predict(x_t, t, context, None)).pow(2).mean())
+
+
+def toy_validation(denoiser: Denoiser, data, stage: StageConfig) -> Callable[[HyperNetwork], dict[str, float]]:
+    """Validation of the toy backend: held-out denoising loss (own ID-LoRA) and rows won by the diagonal."""
+    n = data.identities
+    refs = [data.get(data.held_out_of(j)[:1], held_out=True) for j in range(n)]
+    evals = [data.get(data.held_out_of(i)[1:], held_out=True) for i in range(n)]
+
+    def validate(net: HyperNetwork) -> dict[str, float]:
+        matrix = loss_matrix(net, denoiser, refs, evals, stage, repeats=2)
+        return {"heldout_loss": float(matrix.diagonal().mean()), "identity_wins": float(diagonal_wins(matrix))}
+
+    return validate

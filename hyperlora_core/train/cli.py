@@ -27,12 +27,18 @@ def build_backend(config: TrainConfig):
         identities = SyntheticIdentities(data.toy_identities, data.toy_images, clip_dim=config.model.clip_dim,
                                          embed_dim=config.model.embed_dim)
         return pretrain(ToyDenoiser(), identities, steps=data.toy_pretrain), identities
-    from .comfy_backend import load_comfy_denoiser
+    import importlib
+
+    from ..clip import ClipVisionEncoder
     from .shards import ShardDataset
 
-    denoiser = load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None)
+    backend = importlib.import_module("train_comfy.backend")  # the host side: ComfyUI as a library
+    denoiser, vae = backend.load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None,
+                                                device=config.run.device, resolution=data.resolution)
+    clip = ClipVisionEncoder.from_folder(data.clip_vision, device=denoiser.device)
+    encode = backend.shard_encoder(vae, clip, resolution=data.resolution, device=denoiser.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return denoiser, ShardDataset(data.shards, rank=rank, world=world)
+    return denoiser, ShardDataset(data.shards, rank=rank, world=world, encode=encode)
 
 
 def _init_distributed() -> None:

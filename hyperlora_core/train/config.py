@@ -170,6 +170,7 @@ class DataConfig:
     shards: str = ""  # folder of prepared .tar shards (python -m hyperlora_core.train prepare)
     base_model: str = ""  # comfy backend: the base model checkpoint file (.safetensors)
     comfyui: str = ""  # comfy backend: a ComfyUI checkout to import comfy from ("" = already importable)
+    clip_vision: str = ""  # comfy backend: CLIP ViT-L/14 vision folder or .safetensors (encodes the two crops)
     resolution: int = 1024  # training resolution in pixels (the comfy backend's latents are 1/8 of it)
     toy_identities: int = 8  # toy backend: number of synthetic identities
     toy_images: int = 12  # toy backend: training images per identity
@@ -178,8 +179,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise TrainConfigError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "comfy" and not self.base_model:
-            raise TrainConfigError("data.base_model is required with backend 'comfy' (a .safetensors checkpoint)")
+        if self.backend == "comfy" and not (self.base_model and self.shards and self.clip_vision):
+            raise TrainConfigError("data.base_model (an SDXL .safetensors checkpoint), data.shards (prepared "
+                                   "shards) and data.clip_vision (CLIP ViT-L/14) are required with backend 'comfy'")
         _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images,
                   toy_pretrain=self.toy_pretrain)
 

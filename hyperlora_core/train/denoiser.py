@@ -28,13 +28,13 @@ class Denoiser(Protocol):
     unet: UNetSpec  # their widths
     num_timesteps: int  # discrete training timesteps
 
-    def encode_text(self, captions: Sequence[str]) -> torch.Tensor: ...  # frozen text conditioning
+    def encode_text(self, captions: Sequence[str]) -> object: ...  # frozen text conditioning, opaque to the trainer
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...  # eps, v, ...
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: object,
                 lora: Factors | None) -> torch.Tensor: ...
 
 

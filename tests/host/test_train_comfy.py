@@ -35,20 +35,28 @@ def test_targets_are_the_140_sdxl_modules(backend):
     assert denoiser.unet.context_dim == tiny.host_unet().context_dim
 
 
-def test_stages_train_and_the_export_patches_like_apply(comfy, backend, tmp_path):
-    patcher, denoiser = backend
+@pytest.fixture(scope="module")
+def trained(backend, tmp_path_factory):
+    """Stages 1 and 3 (3 steps each) on the tiny SDXL; (hypernetwork, fp32 export folder, data)."""
+    _, denoiser = backend
+    tmp = tmp_path_factory.mktemp("train_comfy")
     data = SyntheticIdentities(identities=2, images=4, held_out=1, channels=4, side=8, clip_dim=32)
-    init = ""
+    init, losses = "", []
     for stage in (1, 3):
         config = TrainConfig().replace(model=MODEL, stage={"stage": stage, "init": init},
                                        optim={"steps": 3, "lr": 1e-3, "warmup": 1},
-                                       run={"out": str(tmp_path / f"s{stage}"), "batch": 2, "log_every": 1})
+                                       run={"out": str(tmp / f"s{stage}"), "batch": 2, "log_every": 1})
         trainer = Trainer(config, denoiser, data)
-        stats = trainer.train(progress=False)
-        assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+        losses.append(trainer.train(progress=False))
         init = str(trainer.save())
+    assert all(math.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in losses)
     net = trainer.net.eval()
-    folder = export_checkpoint(net, tmp_path / "export", dtype=torch.float32)
+    return net, export_checkpoint(net, tmp / "export", dtype=torch.float32), data
+
+
+def test_the_export_patches_like_apply(comfy, backend, trained):
+    patcher, denoiser = backend
+    net, folder, data = trained
     hl = load_hyperlora(folder, unet=tiny.host_unet())
     sample = data.get([0], held_out=True)
     identity = hl.predict_identity(clip_tokens=sample.clip, id_embeds=sample.arcface)
@@ -75,3 +83,22 @@ def test_stages_train_and_the_export_patches_like_apply(comfy, backend, tmp_path
     assert effect > 1e-4  # the LoRA does something, so the comparison can fail
     assert worst < 1e-3 * effect
     assert torch.equal(again, plain)  # unpatched: the shared model is back as it was
+
+
+def test_the_export_runs_in_our_nodes(server, trained):
+    """The exported folder in models/hyper_lora: LoadHyperLoRA -> HyperLoRAFromImage -> ApplyHyperLoRA -> KSampler
+    over /prompt in the real ComfyUI, and the identity changes the picture."""
+    import shutil
+
+    import numpy as np
+    from graphs import generation, saved_image
+
+    shutil.copytree(trained[1], server.models / "hyper_lora" / "trained_tiny")
+    run = server.server.run(generation(prefix="trained_identity", seed=1, checkpoint="trained_tiny").prompt())
+    assert run.status == "success", (run.error, run.response)
+    assert {"load", "from_image", "apply", "sampler"} <= set(run.executed)
+    plain = server.server.run(generation(prefix="trained_plain", seed=1, with_identity=False).prompt())
+    assert plain.status == "success", (plain.error, plain.response)
+    changed = np.abs(saved_image(server, run).astype(int) - saved_image(server, plain).astype(int))
+    show(f"\ntrained export vs no identity: {np.mean(changed > 0):.1%} of pixel values differ, max {changed.max()}")
+    assert changed.max() > 0

@@ -20,9 +20,9 @@ member            content                                            per sample 
 ================  =================================================  ===========  ======================
 
 Crops are stored as images, not CLIP tokens: 257 × 1024 fp16 tokens are 526 KB per crop (2.3 TB per kind at
-4.4 M); the frozen CLIP ViT-L/14 instead encodes the two 224² crops of each sample in the training step. VAE latents at 1024² (4 ×
-128 × 128 fp16, 131 KB, 0.58 TB) are the alternative to the photo when the resolution is fixed; this version
-stores the photo. Captions come from ``<image>.txt`` beside each image, or from one JSONL file of
+4.4 M); the frozen CLIP ViT-L/14 instead encodes the two 224² crops of each sample in the training step. VAE
+latents at 1024² (4 × 128 × 128 fp16, 131 KB, 0.58 TB) are the alternative to the photo when the resolution is
+fixed; this version stores the photo. Captions come from ``<image>.txt`` beside each image, or from one JSONL file of
 ``{"file": ..., "caption": ..., "identity": ...}`` rows. ``progress.jsonl`` in the output folder records every image
 handled (kept with its shard, or the reason it was dropped), so an interrupted run continues where it stopped;
 a shard is written to ``.tmp`` and renamed when complete. ``report.json`` counts the drops by reason.

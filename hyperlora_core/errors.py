@@ -89,3 +89,7 @@ class FaceModelError(HyperLoRAError, ValueError):
 
 class FaceNotFoundError(HyperLoRAError, ValueError):
     """No usable face was found in an input image."""
+
+
+class DependencyMissing(HyperLoRAError, RuntimeError):
+    """An optional package a feature needs is not installed; the message names the pip command."""

@@ -59,11 +59,38 @@ class ComfyDenoiser:
         self.sampling = self.model.model_sampling
         self.num_timesteps = len(self.sampling.sigmas)
         self.targets, self.unet, linears = find_targets(self.model.diffusion_model)
-        self.gradient_checkpointing = False  # not applied by this backend yet (see the README)
+        self.gradient_checkpointing = False  # recompute each UNet block's activations in backward (the trainer sets it)
+        self.recomputed = 0  # block forwards run again in backward (shows the checkpointing works)
         self._lora: Factors | None = None
         self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key, linear in linears.items():
             linear.register_forward_hook(self._hook(key))
+        diffusion = self.model.diffusion_model
+        for name in ("input_blocks", "middle_block", "output_blocks"):
+            part = getattr(diffusion, name, None)
+            for block in (part if isinstance(part, torch.nn.ModuleList) else [part] if part is not None else []):
+                for layer in block.children():  # ComfyUI's UNet calls the layers of each block, not the block
+                    layer.forward = self._checkpointed(layer.forward)
+
+    def _checkpointed(self, forward):
+        """A block forward that, when checkpointing is on and gradients are recorded, keeps no activations and
+        recomputes them in backward with the LoRA factors of the forward it belongs to."""
+        def run(*args, **kwargs):
+            if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+                return forward(*args, **kwargs)
+            lora, first = self._lora, [True]
+
+            def body(*a, **k):
+                previous, self._lora = self._lora, lora
+                if not first[0]:
+                    self.recomputed += 1
+                first[0] = False
+                try:
+                    return forward(*a, **k)
+                finally:
+                    self._lora = previous
+            return torch.utils.checkpoint.checkpoint(body, *args, use_reentrant=False, **kwargs)
+        return run
 
     def _hook(self, key: str):
         def add_lora(module, inputs, output):

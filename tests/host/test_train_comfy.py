@@ -54,6 +54,30 @@ def trained(backend, tmp_path_factory):
     return net, export_checkpoint(net, tmp / "export", dtype=torch.float32), data
 
 
+def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(backend, trained):
+    """With checkpointing, the UNet blocks run again in backward and the hypernetwork's gradients are unchanged."""
+    _, denoiser = backend
+    net, _, data = trained
+    sample = data.get([0, 1])
+    t = torch.tensor([300, 700])
+    noise = torch.randn(sample.latents.shape, generator=torch.Generator().manual_seed(0))
+    context = denoiser.encode_text(sample.captions)
+    grads = {}
+    for on in (False, True):
+        denoiser.gradient_checkpointing, before = on, denoiser.recomputed
+        net.zero_grad()
+        factors = net(sample.clip, sample.arcface, None)["id"]
+        pred = denoiser.predict(denoiser.noisy(sample.latents, noise, t), t, context, factors)
+        pred.pow(2).mean().backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        grads[f"recomputed {on}"] = denoiser.recomputed - before
+    denoiser.gradient_checkpointing = False
+    worst = float((grads[True] - grads[False]).abs().max() / grads[False].abs().max())
+    show(f"\ncheckpointing: {grads['recomputed True']} block forwards recomputed; gradient difference {worst:.1e}")
+    assert grads["recomputed False"] == 0 and grads["recomputed True"] >= 20
+    assert worst < 1e-5
+
+
 def test_the_export_patches_like_apply(comfy, backend, trained):
     patcher, denoiser = backend
     net, folder, data = trained

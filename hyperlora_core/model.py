@@ -64,10 +64,13 @@ class HyperLoRA:
         return self.checkpoint.has_base
 
     @property
-    def clip_width(self) -> int:
-        """Width of the CLIP tokens the resampler reads (1024: ViT-L/14's penultimate hidden states)."""
+    def clip_width(self) -> int | None:
+        """Width of the CLIP tokens the resamplers read (1024: ViT-L/14's penultimate hidden states); None when
+        neither reads any."""
         cfg = self.checkpoint.resampler
-        return cfg.y_dim if cfg.two_conditions else cfg.x_dim
+        if "clip" in self.encoders:
+            return cfg.y_dim if cfg.two_conditions else cfg.x_dim
+        return self.checkpoint.base_resampler.x_dim if self.has_base else None
 
     # -- lazy networks -----------------------------------------------------------------------------------
     def _build(self, cls: type[torch.nn.Module], config: object, role: str) -> torch.nn.Module:
@@ -137,7 +140,7 @@ class HyperLoRA:
         if "clip" in needs and clip_tokens is None:
             raise ConditionError(f"this checkpoint reads CLIP tokens ({' + '.join(needs)}); "
                                  "pass clip_tokens [B, 257, 1024] from CLIP ViT-L/14")
-        clip = _check("clip_tokens", clip_tokens, 3, self.clip_width)
+        clip = _check("clip_tokens", clip_tokens, 3, cfg.y_dim if cfg.two_conditions else cfg.x_dim)
         if "arcface" in needs:
             embeds = _check("id_embeds", id_embeds, 2, self.checkpoint.id_projector.embed_dim)
             x = self.id_projector()(embeds.to(self.compute_device, self.dtype))

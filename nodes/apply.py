@@ -86,8 +86,12 @@ def apply_identity(model, handle, identity, id_strength: float, base_strength: f
         if handle.core.has_base and identity.base_tokens is not None:
             patched, _ = comfy.sd.load_lora_for_models(patched, None, make_lora(handle, identity, "base"),
                                                        base_strength, 0.0)
+        elif not handle.core.has_base:
+            log.warning("base_strength %.2f ignored: this checkpoint has no Base-LoRA (no base_resampler.safetensors; "
+                        "the released checkpoints have none). Set base_strength to 0.", base_strength)
         else:
-            log.warning("base_strength %.2f ignored: this checkpoint or identity has no Base-LoRA", base_strength)
+            log.warning("base_strength %.2f ignored: this identity has no Base tokens (it was saved or made without "
+                        "Base conditions). Make it again with HyperLoRA Identity from Image.", base_strength)
     return patched
 
 

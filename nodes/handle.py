@@ -7,7 +7,9 @@ memory-mapped and is mixed on the CPU (a fraction of a second), so it takes no V
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -29,8 +31,9 @@ VIT_NAMES = {768: "ViT-B", 1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/1
 class ComfyClipVision:
     """hyperlora_core's ClipEncoder on ComfyUI's own CLIP_VISION model (same HF weights, same tokens)."""
 
-    def __init__(self, clip_vision, width: int) -> None:
-        check_clip_vision(clip_vision, width)
+    def __init__(self, clip_vision, width: int | None = None) -> None:
+        if width is not None:  # the tokens' width the checkpoint reads
+            check_clip_vision(clip_vision, width)
         self.clip_vision = clip_vision
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -58,19 +61,49 @@ def check_clip_vision(clip_vision, width: int) -> None:
         "models/hyper_lora/clip_vit.")
 
 
-class ManagedClip:
-    """The standalone CLIP encoder wrapped in a ModelPatcher, so ComfyUI can offload it too."""
+class ManagedClip(ComfyClipVision):
+    """The CLIP folder beside the checkpoint, loaded by ComfyUI's own ``comfy.clip_vision`` (as Load CLIP Vision
+    would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny test towers
+    too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
-        from ..hyperlora_core.clip import ClipVisionEncoder
+    def __init__(self, folder: Path, width: int | None = None) -> None:
+        super().__init__(load_clip_folder(folder), width)
 
-        self.encoder = ClipVisionEncoder.from_folder(folder, device=mm.unet_offload_device(), dtype=dtype)
-        self.patcher = comfy.model_patcher.ModelPatcher(self.encoder.visual, load_device=mm.get_torch_device(),
-                                                        offload_device=mm.unet_offload_device())
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        mm.load_model_gpu(self.patcher)
-        return self.encoder.encode(pixels.to(self.patcher.load_device)).to(mm.intermediate_device())
+def load_clip_folder(folder: Path):
+    """A ``comfy.clip_vision.ClipVisionModel`` from an HF folder/file or an open_clip ``.safetensors``.
+
+    Every key and shape is checked by the core first (``inspect_clip``: the same clear errors as the CLI); only the
+    image tower's tensors are read, so a full CLIPModel file does not load its text tower.
+    """
+    import comfy.clip_vision
+    import comfy.utils
+
+    from ..hyperlora_core.clip import inspect_clip
+
+    config, sf, kind, prefix = inspect_clip(folder)
+    settings = {"model_type": "clip_vision_model", "num_channels": 3, "hidden_size": config.width,
+                "image_size": config.image_size, "intermediate_size": config.mlp_dim,
+                "num_attention_heads": config.heads, "num_hidden_layers": config.layers,
+                "patch_size": config.patch_size, "projection_dim": config.width,
+                "hidden_act": "quick_gelu" if config.quick_gelu else "gelu"}
+    with tempfile.TemporaryDirectory() as tmp:  # ClipVisionModel reads its settings from a JSON file
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(settings), encoding="utf-8")
+        model = comfy.clip_vision.ClipVisionModel(str(path))
+    state = {k: sf.tensor(k) for k in sf.keys() if k.startswith(prefix)}
+    if kind == "open_clip":
+        state = comfy.clip_vision.convert_to_transformers(state, prefix)
+    else:
+        state = {"vision_model." + k[len(prefix):]: v for k, v in state.items()}
+    missing, _ = model.load_sd(state)
+    missing = [k for k in missing if not k.startswith(("visual_projection", "vision_model.post_layernorm"))]
+    if missing:  # inspect_clip checked every key, so this is a naming change in ComfyUI itself
+        raise RuntimeError(f"CLIP vision model: ComfyUI did not take {len(missing)} tensors of '{sf.path}' "
+                           f"(first: {missing[0]}); load it with Load CLIP Vision and connect it instead.")
+    log.info("HyperLoRA: CLIP vision '%s' loaded by comfy.clip_vision (width %d, %d blocks).", sf.path,
+             config.width, config.layers)
+    return model
 
 
 class HyperLoRAHandle:
@@ -83,13 +116,13 @@ class HyperLoRAHandle:
         self.patcher = comfy.model_patcher.ModelPatcher(self.core.networks(), load_device=mm.get_torch_device(),
                                                         offload_device=mm.unet_offload_device())
         self.clip = None
-        if "clip" in self.core.encoders:
+        if "clip" in self.core.encoders or self.core.has_base:  # the base resampler reads CLIP tokens too
             if clip_vision is not None:
                 self.clip = ComfyClipVision(clip_vision, self.core.clip_width)
             else:
                 from .folders import clip_folder
 
-                self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.dtype)
+                self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.core.clip_width)
         self._pipeline: IdentityPipeline | None = None
 
     @property

@@ -56,7 +56,6 @@ class Batch:
     @staticmethod
     def collate(samples: Sequence[Batch]) -> Batch:
         """Concatenate batches (of one sample each, or more) along b."""
-        first = samples[0]
         out = {}
         for f in fields(Batch):
             values = [getattr(s, f.name) for s in samples]
@@ -66,7 +65,6 @@ class Batch:
                 out[f.name] = None
             else:
                 out[f.name] = torch.cat(values)
-        del first
         return Batch(**out)
 
 

@@ -43,6 +43,15 @@ def test_a_stage_file_reads_and_defaults_fill_the_rest(tmp_path):
     assert type(config).from_dict(config.to_dict()) == config  # what a checkpoint stores reads back equal
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_shipped_stage_configs_load(stage):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "training" / f"stage{stage}.toml")
+    assert config.stage.stage == stage and config.data.backend == "comfy" and config.run.precision == "bf16"
+    assert (config.stage.init == "") == (stage == 1)
+
+
 def test_trigger_position():
     assert StageConfig(trigger_position="prefix").with_trigger("a photo") == f"{TRIGGER_WORDS}, a photo"
     assert StageConfig(trigger_position="suffix").with_trigger("a photo") == f"a photo, {TRIGGER_WORDS}"

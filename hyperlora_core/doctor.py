@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import MODULES_JSON, open_checkpoint
+from .checkpoint import MODULES_JSON, open_checkpoint, read_basis_config, read_module_list
+from .config import IdProjectorConfig, ResamplerConfig
 from .errors import HyperLoRAError
+from .safetensors_file import SafetensorsFile
 from .sources import ANTELOPEV2, CHECKPOINT, CLIP_VIT_L14
 from .topology import SDXL, UNetSpec
 
@@ -64,8 +66,9 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
         name = f"checkpoint {folder.name}"
         try:
             ckpt = open_checkpoint(folder, unet=unet)
-        except HyperLoRAError as exc:
-            checks.append(Check(name, "problem", str(exc), _fix_for(exc)))
+        except HyperLoRAError as exc:  # say what is wrong with each file, not only the first one met
+            problems = [c for c in check_checkpoint_files(folder, unet) if c.status == "problem"]
+            checks += problems or [Check(name, "problem", str(exc), _fix_for(exc))]
             continue
         detail = (f"{len(ckpt.modules)} modules, K={ckpt.basis.k}, rank {ckpt.basis.id_rank}, "
                   f"encoders {'+'.join(ckpt.encoders)}")
@@ -75,6 +78,57 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
         else:
             checks.append(Check(name, "ok", detail))
     return checks
+
+
+def check_checkpoint_files(folder: Path, unet: UNetSpec = SDXL) -> list[Check]:
+    """One line per file of a checkpoint folder, each file checked on its own (a bad one does not hide the next)."""
+    from .checkpoint import find_folder
+
+    try:
+        folder = find_folder(folder)
+    except HyperLoRAError:
+        pass  # the module list's own line says it is missing
+    name = f"checkpoint {folder.name}"
+    checks, found = [], {}
+
+    def attempt(file: str, read) -> None:
+        try:
+            found[file] = read(folder / file)
+            checks.append(Check(f"{name}/{file}", "ok", "readable"))
+        except (HyperLoRAError, OSError) as exc:
+            checks.append(Check(f"{name}/{file}", "problem", str(exc), _fix_for(exc)))
+
+    attempt(MODULES_JSON, lambda path: read_module_list(path.parent, unet))
+    modules = found.get(MODULES_JSON)
+    attempt("hyper_lora_modules.safetensors", lambda path: _basis(path, modules))
+    for file, what in (("resampler.safetensors", "resampler"), ("base_resampler.safetensors", "base resampler")):
+        if file == "resampler.safetensors" or (folder / file).exists():
+            attempt(file, lambda path, what=what: _resampler(path, what))
+    resampler = found.get("resampler.safetensors")
+    projector = folder / "id_projector.safetensors"
+    if projector.exists():
+        attempt(projector.name, lambda path: IdProjectorConfig.from_shapes(
+            _shapes(SafetensorsFile(path, "ID projector")), what="ID projector", path=path))
+    elif resampler is None or resampler.two_conditions:
+        checks.append(Check(f"{name}/{projector.name}", "problem", "missing (the released checkpoints have it)",
+                            f"download {projector.name} of the same release into {folder}/"))
+    return checks
+
+
+def _basis(path: Path, modules) -> object:
+    file = SafetensorsFile(path, "LoRA basis")
+    return read_basis_config(file, modules[1], modules[2]) if modules is not None else file
+
+
+def _resampler(path: Path, what: str) -> ResamplerConfig:
+    file = SafetensorsFile(path, what)
+    told = file.metadata.get("dim_head", "64")
+    dim_head = int(told) if told.isdigit() else 64
+    return ResamplerConfig.from_shapes(_shapes(file), what=what, path=path, dim_head=dim_head)
+
+
+def _shapes(file: SafetensorsFile) -> dict:
+    return {key: info.shape for key, info in file.tensors.items()}
 
 
 def _fix_for(exc: Exception) -> str:

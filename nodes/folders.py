@@ -8,7 +8,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing
+from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing, InputValueError
 from ..hyperlora_core.sources import ANTELOPEV2, CHECKPOINT
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,19 @@ def identities() -> list[str]:
 
 
 def identity_path(name: str) -> Path:
+    """The identity file ``name``; refused when two identity folders hold different files of that name."""
     path = folder_paths.get_full_path(IDENTITIES, name)
     if path is None:
         raise CheckpointFileMissing(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
-    return Path(path)
+    path, name = Path(path), os.path.relpath(os.path.join("/", name), "/")  # as ComfyUI confines it
+    for root in _roots(IDENTITIES):
+        other = root / name
+        if other.is_file() and not other.samefile(path) and other.read_bytes() != path.read_bytes():
+            raise InputValueError(
+                f"identity '{name}' names two different files: '{path}' and '{other}' (two identity folders, "
+                "see extra_model_paths.yaml). Which person was meant is unclear: rename or delete one of them and "
+                "refresh the page (press R).")
+    return path
 
 
 def saved_name(kind: str, target: Path) -> str:
@@ -180,15 +189,30 @@ def shown_path(target: Path) -> str:
         return str(target)
 
 
+def check_prefix(prefix: str, folder: str) -> list[str]:
+    """The parts of a filename_prefix, refused (not silently rewritten) when it could lead outside ``folder``."""
+    where = f"a relative name under {folder}, e.g. 'hyperlora/identity'"
+    parts = prefix.replace("\\", "/").split("/")
+    if "\0" in prefix:
+        problem = "holds a NUL character"
+    elif prefix.startswith(("/", "\\")):
+        problem = "is an absolute path"
+    elif ":" in prefix:
+        problem = "names a drive or stream (':')"
+    elif ".." in parts:
+        problem = "climbs out of the folder with '..'"
+    else:
+        return [p for p in parts if p not in ("", ".")] or ["hyperlora"]
+    raise InputValueError(f"filename_prefix {prefix!r} {problem}: files are only saved inside {folder}. Use {where}.")
+
+
 def save_target(kind: str, prefix: str, ext: str = ".safetensors") -> Path:
-    """A new numbered file under the first folder of ``kind``; the prefix can never lead outside it."""
+    """A new numbered file under the first folder of ``kind``; a prefix that would leave it is refused."""
     root = Path(folder_paths.get_folder_paths(kind)[0]).resolve()
-    parts = [p for p in Path(prefix.replace("\\", "/")).parts if p not in ("", ".", "..", "/") and ":" not in p]
-    if not parts:
-        parts = ["hyperlora"]
+    parts = check_prefix(prefix, str(root))
     target_dir = root.joinpath(*parts[:-1]).resolve()
     if root != target_dir and root not in target_dir.parents:
-        raise ValueError(f"filename_prefix '{prefix}' would write outside {root}; use a plain name")
+        raise InputValueError(f"filename_prefix '{prefix}' leads outside {root} through a link; use a plain name")
     target_dir.mkdir(parents=True, exist_ok=True)
     stem, counter = parts[-1], 1
     while (target_dir / f"{stem}_{counter:05d}_{ext}").exists():

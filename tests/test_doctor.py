@@ -58,20 +58,40 @@ def test_no_checkpoint(models):
 
 def test_checkpoint_lfs_pointer(models):
     (models / "hyper_lora" / "sdxl_tiny" / "hyper_lora_modules.safetensors").write_text(LFS)
-    check = run(models)["checkpoint sdxl_tiny"]
+    check = run(models)["checkpoint sdxl_tiny/hyper_lora_modules.safetensors"]
     assert check.status == "problem" and "git-LFS pointer" in check.detail and "git lfs pull" in check.fix
 
 
 def test_checkpoint_truncated(models):
     path = models / "hyper_lora" / "sdxl_tiny" / "resampler.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
-    check = run(models)["checkpoint sdxl_tiny"]
+    check = run(models)["checkpoint sdxl_tiny/resampler.safetensors"]
     assert check.status == "problem" and "truncated" in check.detail and "download it again" in check.fix
 
 
 def test_checkpoint_for_another_model(models):
-    check = by_name(run_doctor(models, packages=False))["checkpoint sdxl_tiny"]  # default: SDXL widths
+    check = by_name(run_doctor(models, packages=False))["checkpoint sdxl_tiny/hyper_lora_modules.json"]  # SDXL
     assert check.status == "problem" and "different model than SDXL" in check.detail
+
+
+def test_every_broken_file_gets_its_own_line(models):
+    """Four broken files, four problem lines in one run, one per file; the good CLIP and face files stay ok."""
+    folder = models / "hyper_lora" / "sdxl_tiny"
+    (folder / "hyper_lora_modules.json").write_text("{}")  # an empty module list
+    (folder / "hyper_lora_modules.safetensors").write_text(LFS)  # a git-LFS pointer instead of the basis
+    resampler = folder / "resampler.safetensors"
+    resampler.write_bytes(resampler.read_bytes()[:-100])  # an interrupted download
+    (folder / "id_projector.safetensors").unlink()  # missing
+    checks = run_doctor(models, packages=False, unet=TINY_UNET, clip_width=TINY_CLIP_WIDTH)
+    problems = {c.name: c for c in checks if c.status == "problem"}
+    assert sorted(problems) == [f"checkpoint sdxl_tiny/{f}" for f in ("hyper_lora_modules.json",
+                                "hyper_lora_modules.safetensors", "id_projector.safetensors",
+                                "resampler.safetensors")], [(c.name, c.detail) for c in checks]
+    assert "non-empty" in problems["checkpoint sdxl_tiny/hyper_lora_modules.json"].detail
+    assert "git-LFS" in problems["checkpoint sdxl_tiny/hyper_lora_modules.safetensors"].detail
+    assert "truncated" in problems["checkpoint sdxl_tiny/resampler.safetensors"].detail
+    assert "missing" in problems["checkpoint sdxl_tiny/id_projector.safetensors"].detail
+    assert all(c.fix for c in problems.values())
 
 
 def test_nested_checkpoint(models):

@@ -42,7 +42,8 @@ def identity(g: Graph, *, checkpoint: str = "tiny_a", image_seed: int = 1, face:
                dtype="fp32")
     image = g.add(f"photo{tag}", "HLTestFaceImage", seed=image_seed, face=face)
     ident = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image),
-                  remove_background=True, grayscale=False, face_index=-1, on_failure="error")
+                  remove_background=True, grayscale=False, face_index=-1, on_failure="error", crop=True,
+                  crop_scale_LRTB="1,1,1,1", safe_crop=True)
     return g.out(hl), g.out(ident)
 
 

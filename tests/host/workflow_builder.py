@@ -51,6 +51,7 @@ SPECS = {
     "LoadImage": _s("Load Image", "", f"image {UPLOAD}", "IMAGE:IMAGE MASK:MASK"),
     "ImageScale": _s("Upscale Image", "image:IMAGE", "upscale_method width height crop", "IMAGE:IMAGE"),
     "ImageBatch": _s("Batch Images", "image1:IMAGE image2:IMAGE", "", "IMAGE:IMAGE"),
+    "CLIPSetLastLayer": _s("CLIP Set Last Layer", "clip:CLIP", "stop_at_clip_layer", "CLIP:CLIP"),
     "CLIPTextEncode": _s("CLIP Text Encode (Prompt)", "clip:CLIP", "text", "CONDITIONING:CONDITIONING"),
     "EmptyLatentImage": _s("Empty Latent Image", "", "width height batch_size", "LATENT:LATENT"),
     "KSampler": _s("KSampler", "model:MODEL positive:CONDITIONING negative:CONDITIONING latent_image:LATENT",
@@ -72,7 +73,7 @@ SPECS = {
     "LoadHyperLoRA": _s("HyperLoRA", "clip_vision?:CLIP_VISION", "checkpoint face_analyzer provider dtype",
                         "hyper_lora:HYPER_LORA"),
     "HyperLoRAFromImage": _s("HyperLoRA Face", "hyper_lora:HYPER_LORA image:IMAGE",
-                             "remove_background grayscale face_index on_failure",
+                             "remove_background grayscale face_index on_failure crop crop_scale_LRTB safe_crop",
                              "identity:HYPER_LORA_IDENTITY face_crops:IMAGE"),
     "ApplyHyperLoRA": _s("Apply HyperLoRA", "model:MODEL hyper_lora:HYPER_LORA identity:HYPER_LORA_IDENTITY",
                          "id_strength base_strength", "MODEL:MODEL trigger_words:STRING"),
@@ -231,7 +232,10 @@ POSITIVE = f"{TRIGGER}, a close-up portrait photo of a person, soft window light
 
 MODELS = "\n".join(["Models (download them, put them here, then press R to refresh the lists):",
                     *(f"- {source.line()}" for source in SOURCES)])
-SDXL = "- an SDXL checkpoint: models/checkpoints/ (SDXL only: SD1.5, SD3 and Flux cannot use HyperLoRA)"
+CLIP_SKIP = -2  # the authors trained with stop_at_clip_layer = -2
+SDXL = ("- an SDXL checkpoint: models/checkpoints/ (SDXL only: SD1.5, SD3 and Flux cannot use HyperLoRA)\n\n"
+        f"CLIP skip: CLIP Set Last Layer at {CLIP_SKIP} sits between the checkpoint and the prompts, as HyperLoRA "
+        "was trained; keep it.")
 TRIGGERS = (f"The prompt MUST contain the trigger words  {TRIGGER}  or the identity does nothing. "
             f"LoRA weight 0.75-0.85. Check everything, from ComfyUI's folder: {DOCTOR_COMMAND}")
 
@@ -255,7 +259,7 @@ def identity_chain(w: Workflow, x: float, y: float, image: str = "face.jpg", *, 
 def from_image(w: Workflow, hyper: Node, image, pos, preview=None) -> Node:
     """HyperLoRAFromImage at ``pos`` with a PreviewImage of its face crops (below it unless ``preview``)."""
     ident = w.add("HyperLoRAFromImage", pos, remove_background=True, grayscale=False, face_index=-1,
-                  on_failure="error")
+                  on_failure="error", crop=True, crop_scale_LRTB="1,1,1,1", safe_crop=True)
     w.connect(hyper.out("hyper_lora"), ident, "hyper_lora")
     w.connect(image, ident, "image")
     crops = w.add("PreviewImage", preview or (pos[0], pos[1] + 230), title="Face crops (what HyperLoRA saw)",
@@ -264,11 +268,19 @@ def from_image(w: Workflow, hyper: Node, image, pos, preview=None) -> Node:
     return ident
 
 
+def clip_skip(w: Workflow, ckpt: Node, pos) -> tuple[Node, int]:
+    """CLIP Set Last Layer at -2 on the checkpoint's CLIP: the text encoder as HyperLoRA was trained with."""
+    node = w.add("CLIPSetLastLayer", pos, title="CLIP Set Last Layer (HyperLoRA: -2)", stop_at_clip_layer=CLIP_SKIP)
+    w.connect(ckpt.out("CLIP"), node, "clip")
+    return node.out("CLIP")
+
+
 def prompts(w: Workflow, ckpt: Node, x: float, y: float, positive: str = POSITIVE) -> tuple[Node, Node]:
+    clip = clip_skip(w, ckpt, (x - 400, y + 560))
     pos = w.add("CLIPTextEncode", (x, y), title="Positive prompt (keep the trigger words)", text=positive)
     neg = w.add("CLIPTextEncode", (x, y + 260), title="Negative prompt", text=NEGATIVE)
     for node in (pos, neg):
-        w.connect(ckpt.out("CLIP"), node, "clip")
+        w.connect(clip, node, "clip")
     return pos, neg
 
 
@@ -402,6 +414,7 @@ def two_people() -> Workflow:
                      "Both regional prompts need the trigger words."), (0, -360), size=(420, 320))
     hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto")
     ckpt = checkpoint(w, (0, 990))
+    clip = clip_skip(w, ckpt, (0, 1150))
     canvas = w.add("SolidMask", (1120, 700), title="Empty canvas", value=0.0, width=width, height=height)
     half = w.add("SolidMask", (1120, 860), title="Half", value=1.0, width=width // 2, height=height)
     combined = None
@@ -419,7 +432,7 @@ def two_people() -> Workflow:
         w.connect(half.out("MASK"), mask, "source")
         text = w.add("CLIPTextEncode", (1120, 0 + 380 * i), title=f"Prompt for the {side} person",
                      text=f"{TRIGGER}, a photo of a person on the {side}, half-body, in a park")
-        w.connect(ckpt.out("CLIP"), text, "clip")
+        w.connect(clip, text, "clip")
         props = w.add("ConditioningSetProperties", (1580, 100 + 300 * i), title=f"Cond Set Props ({side})",
                       strength=1.0, set_cond_area="default")
         w.connect(text.out("CONDITIONING"), props, "cond_NEW")
@@ -433,7 +446,7 @@ def two_people() -> Workflow:
             w.connect(props.out("CONDITIONING"), node, "conditioning_2")
             combined = node.out("CONDITIONING")
     neg = w.add("CLIPTextEncode", (1580, 720), title="Negative prompt", text=NEGATIVE)
-    w.connect(ckpt.out("CLIP"), neg, "clip")
+    w.connect(clip, neg, "clip")
     sample_and_save(w, ckpt, ckpt.out("MODEL"), combined, neg.out("CONDITIONING"), 2300, 0, "hyperlora/two_people",
                     width, height)
     return w

@@ -275,6 +275,15 @@ def report(result: SoakResult) -> str:
     return "\n".join(lines)
 
 
+def from_json(path: Path) -> SoakResult:
+    """A result written by --json (temporary files re-sorted into ours and FOREIGN_TEMP by name)."""
+    data = json.loads(path.read_text())
+    files = data["temp_files"] + data.get("foreign_temp", [])
+    return SoakResult(records=[Record(**r) for r in data["records"]], rss={int(k): v for k, v in data["rss"].items()},
+                      queue=data["queue"], temp_files=[f for f in files if Path(f).name not in FOREIGN_TEMP],
+                      foreign_temp=[f for f in files if Path(f).name in FOREIGN_TEMP])
+
+
 def tiny_clip(folder: Path) -> Path:
     """The HF-format CLIP double the host tier uses (tests/conftest.py tiny_clip_folder), written by transformers."""
     import torch
@@ -295,7 +304,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--json", type=Path, help="also write every record here")
     parser.add_argument("--verbose", action="store_true", help="one line per prompt on stderr")
+    parser.add_argument("--report", type=Path, help="only print the tables of an earlier --json run")
     args = parser.parse_args()
+    if args.report:
+        print(report(from_json(args.report)))
+        return
     import importlib.util
 
     from comfy_server import ComfyServer

@@ -35,7 +35,7 @@ for extra in (ROOT / "tests", ROOT / "tests" / "host", ROOT):  # the host tier's
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from graphs import Graph, apply, conditioning, decode_and_save, generation, identity, sample, tiny_model  # noqa: E402
+from graphs import FROM_IMAGE, Graph, apply, conditioning, decode_and_save, generation, identity, sample, tiny_model  # noqa: E402
 
 SCHEDULE = ("plain", "new_photo", "same_photo", "strength", "hook", "save", "load", "slider", "same_photo")
 SEEN_PHOTOS = (1, 2, 3, 4)  # image seeds of the photos "same_photo" comes back to
@@ -128,8 +128,7 @@ def bad(i: int) -> tuple[str, dict]:
         hl = g.add("load", "LoadHyperLoRA", checkpoint="tiny_a", face_analyzer="models/antelopev2", provider="cpu",
                    dtype="fp32")
         image = g.add("bad_image", "HLTestBadImage", kind="nan")
-        ident = g.add("from_image", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image),
-                      remove_background=True, grayscale=False, face_index=-1, on_failure="error")
+        ident = g.add("from_image", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image), **FROM_IMAGE)
         g.add("save_identity", "SaveHyperLoRAIdentity", identity=g.out(ident), filename_prefix="soak_bad",
               storage="fp16")
     return kind, g.prompt()

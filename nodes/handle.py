@@ -25,12 +25,16 @@ import comfy.model_patcher
 import torch
 
 from ..hyperlora_core import load_hyperlora
+from ..hyperlora_core.errors import ClipConfigError
 from ..hyperlora_core.model import HyperLoRA
 from ..hyperlora_core.pipeline import IdentityPipeline
 from ..hyperlora_core.readahead import ReadAhead, Span
 
 log = logging.getLogger(__name__)
 TRIGGER_WORDS = "fcsks fxhks fhyks"
+
+
+VIT_NAMES = {768: "ViT-B", 1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}  # by hidden width
 
 
 def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
@@ -52,7 +56,9 @@ class ComfyClipVision:
     Connected from Load CLIP Vision, the model belongs to that node: it is offloaded after use, never freed here.
     """
 
-    def __init__(self, clip_vision) -> None:
+    def __init__(self, clip_vision, width: int | None = None) -> None:
+        if clip_vision is not None and width is not None:  # the tokens' width the checkpoint reads
+            check_clip_vision(clip_vision, width)
         self.clip_vision = clip_vision  # comfy.clip_vision.ClipVisionModel
 
     @property
@@ -72,18 +78,41 @@ class ComfyClipVision:
         offload(self.clip_vision.patcher)
 
 
+def check_clip_vision(clip_vision, width: int) -> None:
+    """Refuse, before any photo is analysed, a CLIP_VISION that is not a ViT-L/14 at 224 px (257 tokens of
+    ``width``): ViT-H and ViT-bigG from IPAdapter setups are the usual mix-ups."""
+    embeddings = getattr(getattr(clip_vision.model, "vision_model", None), "embeddings", None)
+    patch = getattr(embeddings, "patch_embedding", None)
+    found_width = getattr(patch, "out_channels", None)
+    found_patch = (tuple(getattr(patch, "kernel_size", ())) or (None,))[0]
+    found_size = getattr(clip_vision, "image_size", None)
+    if (found_width, found_patch, found_size) == (width, 14, 224) and embeddings.class_embedding is not None:
+        return
+    kind = VIT_NAMES.get(found_width, f"a {found_width}-wide model") if found_width else "not a CLIP ViT"
+    raise ClipConfigError(
+        f"clip_vision: the connected CLIP Vision is {kind} (width {found_width}, patch {found_patch}, "
+        f"{found_size} px); HyperLoRA reads CLIP ViT-L/14 tokens at 224 px (width {width}). Load "
+        "clip-vit-large-patch14 in Load CLIP Vision, or disconnect clip_vision to use the CLIP folder in "
+        "models/hyper_lora/clip_vit.")
+
+
 class ManagedClip(ComfyClipVision):
     """The CLIP folder beside the checkpoint, loaded on first use by ComfyUI's own ``comfy.clip_vision`` (as Load
     CLIP Vision would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny
     test towers too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, width: int | None = None) -> None:
         from ..hyperlora_core.clip import inspect_clip
 
         super().__init__(None)
-        self.folder = folder
+        self.folder, self.width = folder, width
         self.loads = 0  # how many times the tower was loaded from the file
-        _, sf, _, prefix = inspect_clip(folder)  # headers only: a missing or broken file is named at once
+        config, sf, _, prefix = inspect_clip(folder)  # headers only: a missing or broken file is named at once
+        if width is not None and config.width != width:
+            kind = VIT_NAMES.get(config.width, f"a {config.width}-wide model")
+            raise ClipConfigError(
+                f"CLIP folder '{folder}' holds {kind} (width {config.width}); HyperLoRA reads CLIP ViT-L/14 tokens "
+                f"(width {width}). Put openai/clip-vit-large-patch14 there, or connect it through Load CLIP Vision.")
         self._spans = sf.spans(k for k in sf.keys() if k.startswith(prefix))
 
     def spans(self) -> list[Span]:
@@ -92,7 +121,10 @@ class ManagedClip(ComfyClipVision):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.clip_vision is None:
-            self.clip_vision = load_clip_folder(self.folder)
+            model = load_clip_folder(self.folder)
+            if self.width is not None:
+                check_clip_vision(model, self.width)
+            self.clip_vision = model
             self.loads += 1
         return super().encode(pixels)
 
@@ -150,13 +182,13 @@ class HyperLoRAHandle:
         self.keep_networks = keep_networks  # CPU-only: keep CLIP and the networks in memory between photo sets
         self._patcher: comfy.model_patcher.ModelPatcher | None = None
         self.clip: ComfyClipVision | ManagedClip | None = None
-        if "clip" in self.core.encoders:
+        if "clip" in self.core.encoders or self.core.has_base:  # the base resampler reads CLIP tokens too
             if clip_vision is not None:
-                self.clip = ComfyClipVision(clip_vision)
+                self.clip = ComfyClipVision(clip_vision, self.core.clip_width)
             else:
                 from .folders import clip_folder
 
-                self.clip = ManagedClip(clip_folder(Path(checkpoint)))
+                self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.core.clip_width)
         self._pipeline: IdentityPipeline | None = None
         self.readahead: ReadAhead | None = None  # the last read-ahead started
 

@@ -18,7 +18,7 @@ import shutil
 import time
 
 from comfy_server import show
-from graphs import ANALYZER, Graph, apply, conditioning, decode_and_save, sample, tiny_model
+from graphs import ANALYZER, FROM_IMAGE, Graph, apply, conditioning, decode_and_save, sample, tiny_model
 from nodepack import tiny
 
 from hyperlora_core import load_hyperlora
@@ -56,8 +56,7 @@ def graph(checkpoint: str, *, photo_seed: int | None = None, identity_file: str 
         ident = g.out(g.add("saved", "LoadHyperLoRAIdentity", identity=identity_file))
     else:
         photo = g.add("photo", "HLTestFaceImage", seed=photo_seed, face=True)
-        ident = g.out(g.add("from_image", "HyperLoRAFromImage", hyper_lora=hl, image=g.out(photo),
-                            remove_background=True, grayscale=False, face_index=-1, on_failure="error"))
+        ident = g.out(g.add("from_image", "HyperLoRAFromImage", hyper_lora=hl, image=g.out(photo), **FROM_IMAGE))
     model = apply(g, tiny_model(g), hl, ident)
     positive, negative = conditioning(g)
     latent = sample(g, model, positive, negative)

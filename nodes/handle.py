@@ -21,7 +21,6 @@ from ..hyperlora_core.model import HyperLoRA
 from ..hyperlora_core.pipeline import IdentityPipeline
 
 log = logging.getLogger(__name__)
-TRIGGER_WORDS = "fcsks fxhks fhyks"
 
 
 class ComfyClipVision:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .safetensors_file import save_atomic
 from .topology import LINEARS, AttnModule, comfy_key, kohya_key
 
 KEY_FORMATS: dict[str, Callable[[AttnModule, str], str]] = {"kohya": kohya_key, "comfy": comfy_key}
@@ -78,8 +78,6 @@ def lora_delta(lora: dict[str, torch.Tensor], prefix: str, strength: float = 1.0
 
 def save_lora(lora: dict[str, torch.Tensor], path: str | Path, *, dtype: torch.dtype | None = torch.float16,
               metadata: dict[str, str] | None = None) -> Path:
-    """Write a LoRA as safetensors (fp16 by default, as LoRA files usually are); returns the path."""
+    """Write a LoRA as safetensors (fp16 by default, as LoRA files usually are), atomically; returns the path."""
     tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", **(metadata or {})})
-    return path
+    return save_atomic(tensors, path, metadata={"ss_network_module": "networks.lora", **(metadata or {})})

@@ -35,7 +35,7 @@ for extra in (ROOT / "tests", ROOT / "tests" / "host", ROOT):  # the host tier's
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
-from graphs import Graph, apply, conditioning, decode_and_save, generation, identity, sample, tiny_model  # noqa: E402
+from graphs import FROM_IMAGE, Graph, apply, conditioning, decode_and_save, generation, identity, sample, tiny_model  # noqa: E402
 
 SCHEDULE = ("plain", "new_photo", "same_photo", "strength", "hook", "save", "load", "slider", "same_photo")
 SEEN_PHOTOS = (1, 2, 3, 4)  # image seeds of the photos "same_photo" comes back to
@@ -128,8 +128,7 @@ def bad(i: int) -> tuple[str, dict]:
         hl = g.add("load", "LoadHyperLoRA", checkpoint="tiny_a", face_analyzer="models/antelopev2", provider="cpu",
                    dtype="fp32")
         image = g.add("bad_image", "HLTestBadImage", kind="nan")
-        ident = g.add("from_image", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image),
-                      remove_background=True, grayscale=False, face_index=-1, on_failure="error")
+        ident = g.add("from_image", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image), **FROM_IMAGE)
         g.add("save_identity", "SaveHyperLoRAIdentity", identity=g.out(ident), filename_prefix="soak_bad",
               storage="fp16")
     return kind, g.prompt()
@@ -275,6 +274,15 @@ def report(result: SoakResult) -> str:
     return "\n".join(lines)
 
 
+def from_json(path: Path) -> SoakResult:
+    """A result written by --json (temporary files re-sorted into ours and FOREIGN_TEMP by name)."""
+    data = json.loads(path.read_text())
+    files = data["temp_files"] + data.get("foreign_temp", [])
+    return SoakResult(records=[Record(**r) for r in data["records"]], rss={int(k): v for k, v in data["rss"].items()},
+                      queue=data["queue"], temp_files=[f for f in files if Path(f).name not in FOREIGN_TEMP],
+                      foreign_temp=[f for f in files if Path(f).name in FOREIGN_TEMP])
+
+
 def tiny_clip(folder: Path) -> Path:
     """The HF-format CLIP double the host tier uses (tests/conftest.py tiny_clip_folder), written by transformers."""
     import torch
@@ -295,7 +303,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--json", type=Path, help="also write every record here")
     parser.add_argument("--verbose", action="store_true", help="one line per prompt on stderr")
+    parser.add_argument("--report", type=Path, help="only print the tables of an earlier --json run")
     args = parser.parse_args()
+    if args.report:
+        print(report(from_json(args.report)))
+        return
     import importlib.util
 
     from comfy_server import ComfyServer

@@ -11,9 +11,9 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..hyperlora_core.config import TRIGGER_WORDS
 from ..hyperlora_core.errors import InputValueError, ModuleMismatchError
 from ..hyperlora_core.lora_io import lora_prefixes
-from .handle import TRIGGER_WORDS
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)

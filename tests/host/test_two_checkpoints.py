@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from comfy_server import show
-from graphs import Graph, conditioning, generation, saved_image, tiny_model
+from graphs import FROM_IMAGE, Graph, conditioning, generation, saved_image, tiny_model
 from verdicts import explain
 
 COMBOS = (("tiny_a", 1), ("tiny_b", 2), ("tiny_a", 2), ("tiny_b", 1))
@@ -26,8 +26,7 @@ def branch(g: Graph, model: list, positive: list, negative: list, checkpoint: st
     hl = g.add(f"load{tag}", "LoadHyperLoRA", checkpoint=checkpoint, face_analyzer="models/antelopev2",
                provider="cpu", dtype="fp32")
     image = g.add(f"photo{tag}", "HLTestFaceImage", seed=photo, face=True)
-    ident = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image),
-                  remove_background=True, grayscale=False, face_index=-1, on_failure="error")
+    ident = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image), **FROM_IMAGE)
     applied = g.add(f"apply{tag}", "ApplyHyperLoRA", model=model, hyper_lora=g.out(hl), identity=g.out(ident),
                     id_strength=0.85, base_strength=0.0)
     latent = g.add(f"latent{tag}", "EmptyLatentImage", width=64, height=64, batch_size=1)

@@ -3,7 +3,7 @@ good prompt still runs afterwards; and the small graph pieces those tests share.
 
 from __future__ import annotations
 
-from graphs import ANALYZER, Graph, generation
+from graphs import ANALYZER, FROM_IMAGE, Graph, generation
 
 GENERIC = {"AssertionError", "KeyError", "IndexError", "TypeError", "AttributeError", "RuntimeError",
            "ZeroDivisionError", "UnboundLocalError", "NameError"}
@@ -24,8 +24,8 @@ def loader(g: Graph, checkpoint: str = "tiny_a", tag: str = "", **extra) -> list
 
 
 def from_image(g: Graph, hl: list, image: list, tag: str = "", face_index: int = -1, on_failure: str = "error"):
-    node = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=hl, image=image, remove_background=True,
-                 grayscale=False, face_index=face_index, on_failure=on_failure)
+    node = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=hl, image=image,
+                 **dict(FROM_IMAGE, face_index=face_index, on_failure=on_failure))
     g.add(f"preview{tag}", "PreviewImage", images=g.out(node, 1))
     return g.out(node)
 

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from .errors import HyperLoRAError
 from .finetune import Parametrisation
+from .lora_io import ID_STRENGTH
 
 MODES = ("coefficients", "rank_relaxed")
 MIN_SIDE = 64  # pixels: below this a reference photo holds too little of a face to learn from
+BATCH = 1  # latents per step by default, everywhere (node, workflow, benches)
 
 
 class RefineInputError(HyperLoRAError, ValueError):
@@ -37,10 +39,11 @@ class RefineConfig:
     lr: float = 1e-3  # AdamW learning rate
     rank: int = 4  # rank of the residual LoRA (rank_relaxed)
     seed: int = 0  # noise, timesteps, augmentation and the residual's initialisation
-    batch: int = 2  # latents per step; their timesteps are stratified over the schedule
+    batch: int = BATCH  # latents per step; their timesteps are stratified over the schedule
     resolution: int = 1024  # references are resized to about resolution² pixels (aspect kept, sides ÷ 64)
     augment: bool = True  # add a horizontal flip and two small seeded crops of each reference
     weight_decay: float = 0.0  # AdamW weight decay (the residual starts at zero; decay would pull it back)
+    id_strength: float = ID_STRENGTH  # the weight the identity is applied at; the prediction is trained in at it
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,6 +55,8 @@ class RefineConfig:
             raise RefineInputError(f"lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise RefineInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.id_strength) and self.id_strength != 0):
+            raise RefineInputError(f"id_strength must be a non-zero number, got {self.id_strength}")
 
 
 def training_size(height: int, width: int, resolution: int, multiple: int = 64) -> tuple[int, int]:

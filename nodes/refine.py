@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw
 
-from ..hyperlora_core.refine import MODES, RefineConfig
+from ..hyperlora_core.refine import MODE_LR, MODES, RefineConfig
 from .training import PRECISIONS, refine
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
@@ -65,8 +65,9 @@ class HyperLoRARefine(io.ComfyNode):
                                        "(the result is still a small identity file)."),
                 io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=5000,
                              tooltip="Optimiser steps; about 50 is enough."),
-                io.Float.Input("lr", default=DEFAULTS.lr, min=1e-6, max=1.0, step=1e-5, round=False,
-                               tooltip="AdamW learning rate."),
+                io.Float.Input("lr", default=DEFAULTS.lr, min=0.0, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate; 0 uses the mode's own: "
+                                       + ", ".join(f"{m} {v:g}" for m, v in MODE_LR.items()) + "."),
                 io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=128,
                              tooltip="Rank of the residual LoRA (rank_relaxed only)."),
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF,

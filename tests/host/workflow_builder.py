@@ -9,10 +9,16 @@ Only core nodes and ours; each workflow has a Note naming its models and the tri
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script from the repository root
+    sys.path.insert(0, str(ROOT))
+from hyperlora_core.refine import RefineConfig  # noqa: E402
+
+REFINE = RefineConfig()  # the refine node's defaults
 OUT = ROOT / "example_workflows"
 TRIGGER = "fcsks fxhks fhyks"
 CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in the API format
@@ -80,7 +86,8 @@ SPECS = {
                                 "filename_prefix storage", "identity_name:STRING"),
     "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING hyper_lora:HYPER_LORA "
                           "identity:HYPER_LORA_IDENTITY image:IMAGE",
-                          f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing",
+                          f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing "
+                          "id_strength",
                           "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE"),
     "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
     "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
@@ -451,14 +458,16 @@ def refine() -> Workflow:
                      "(HyperDreamBooth-style): a closer likeness than the zero-shot identity. The photo, flipped and "
                      "slightly cropped, is the training target; the positive prompt is the training prompt. It is "
                      "meant for a GPU: SDXL training on a CPU is very slow.", SDXL,
-                     "The refined LoRA is saved under output/loras/hyperlora/ (Save LoRA Weights); move it to "
-                     "models/loras/ to use it with the stock Load LoRA."), (0, -340))
+                     "The refined LoRA already contains id_strength: load it at 1.0. It is saved under "
+                     "output/loras/hyperlora/ (Save LoRA Weights); move it to models/loras/ to use it with the "
+                     "stock Load LoRA."), (0, -340))
     hyper, photo, ident = identity_chain(w, 0, 0)
     ckpt = checkpoint(w, (360, 460))
     pos, neg = prompts(w, ckpt, 760, 300)
-    refined = w.add("HyperLoRARefine", (1220, 0), mode="rank_relaxed", steps=50, lr=1e-3, rank=4, seed=0,
-                    control_after_generate="fixed", batch_size=1, resolution=1024, precision="auto",
-                    gradient_checkpointing=True)
+    refined = w.add("HyperLoRARefine", (1220, 0), mode=REFINE.mode, steps=REFINE.steps, lr=REFINE.lr,
+                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
+                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
+                    id_strength=REFINE.id_strength)
     for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
                          (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
                          (photo.out("IMAGE"), "image")):

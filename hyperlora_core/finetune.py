@@ -29,6 +29,7 @@ from .identity import Identity
 from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
+from .safetensors_file import SafetensorsFile
 from .topology import LINEARS
 
 
@@ -98,6 +99,23 @@ class _BasisMix(torch.autograd.Function):
         (basis,) = ctx.saved_tensors
         flat = basis.reshape(basis.shape[0], -1).float()
         return flat @ grad.reshape(-1).float(), None
+
+
+def mapped_tensors(file: SafetensorsFile, keys: Sequence[str]) -> list[torch.Tensor]:
+    """File-backed views of ``keys`` through one private mapping of ``file``: pages are read when used and
+    never copied into the process's own memory (a misaligned tensor is read normally)."""
+    raw = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
+    out = []
+    for key in keys:
+        info = file.tensors[key]
+        dtype = file.torch_dtype(info.dtype)
+        start = file.data_start + info.start
+        item = torch.empty((), dtype=dtype).element_size()
+        if start % item:
+            out.append(file.tensor(key))
+            continue
+        out.append(raw[start:file.data_start + info.end].view(dtype).view(info.shape))
+    return out
 
 
 def mix_basis(coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -200,13 +218,11 @@ class CoefficientLoRA(_Factored, nn.Module):
         self.hyperlora, self.identity = hyperlora, identity
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone())
         self.prefixes = list(prefixes)  # one per (module, linear), json order then q, k, v, out
-        basis = hyperlora.checkpoint.files["basis"]
         self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
-        downs, ups = [], []
-        for i in range(len(hyperlora.module_names)):
-            for linear, _, _ in LINEARS:
-                downs.append(basis.tensor(f"{i}.{linear}.id_down_basis"))
-                ups.append(basis.tensor(f"{i}.{linear}.id_up_basis"))
+        keys = [f"{i}.{linear}.id_{side}_basis" for i in range(len(hyperlora.module_names))
+                for linear, _, _ in LINEARS for side in ("down", "up")]
+        mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
+        downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):
             raise ValueError(f"{len(self.prefixes)} prefixes for {len(downs)} target linears")
         self._downs, self._ups = downs, ups  # frozen, not parameters

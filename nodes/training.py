@@ -182,6 +182,7 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
     """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched.
     The result, loaded at strength 1.0, gives exactly the weights the last step trained with."""
     predicted = make_lora(handle, identity, "id", key_format="comfy")
+    handle.core.release_bases()  # coefficients mode maps the bases it trains with itself
     check_model(model, predicted)
     device = mm.get_torch_device()
     dtype = training_dtype(precision, device)

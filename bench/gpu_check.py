@@ -36,6 +36,16 @@ SIZES = {  # size -> sampling steps timed, refine steps, resolution, photos for 
 }
 
 
+NEEDS = ("torch", "safetensors", "numpy", "PIL", "einops", "scipy", "torchsde", "av", "yaml", "psutil", "tqdm")
+
+
+def missing_modules() -> list[str]:
+    """What ComfyUI's sampling and node modules import that this Python lacks (carry them as wheels)."""
+    import importlib.util
+
+    return [name for name in NEEDS if importlib.util.find_spec(name) is None]
+
+
 class Clock:
     def __init__(self, device: str) -> None:
         import torch
@@ -175,6 +185,9 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args()
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="hl_gpu_check_")
+    missing = missing_modules()
+    if missing:
+        parser.error(f"this Python lacks {', '.join(missing)}: install their wheels (see README, 'GPU check')")
     report = run(args)
     sys.stdout.write(table(report))
     if args.json:

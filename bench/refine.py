@@ -153,6 +153,10 @@ def run_refine(training, refine_mod, model, hl, positive, images, mode: str, che
         stamps.append(time.perf_counter())
         if len(stamps) > 1:
             saved.next_step()
+            sys.stderr.write(f"  {mode}, checkpointing {checkpointing}: step {len(stamps) - 1} took "
+                             f"{stamps[-1] - stamps[-2]:.1f} s, saved {saved.steps[-1] / 2**30:.3f} GiB, "
+                             f"max RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB\n")
+            sys.stderr.flush()
         real_check()
 
     mm.throw_exception_if_processing_interrupted = stamp
@@ -197,7 +201,7 @@ def one(args) -> dict:
 
 def _child(cmd: list[str], env: dict, limit: float) -> tuple[dict | None, float]:
     """Run one configuration; stop it if its RSS passes ``limit`` bytes. (row or None, highest RSS seen)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)  # its stderr (progress) passes on
     highest = [0.0]
 
     def watch():
@@ -215,10 +219,9 @@ def _child(cmd: list[str], env: dict, limit: float) -> tuple[dict | None, float]
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    out, err = proc.communicate()
+    out, _ = proc.communicate()
     watcher.join()
     if proc.returncode != 0:
-        sys.stderr.write(err[-3000:])
         return None, highest[0]
     return json.loads(out.strip().splitlines()[-1]), highest[0]
 

@@ -90,8 +90,9 @@ class HyperLoRARefine(io.ComfyNode):
                                        "at it, and the output LoRA already contains it (load it at 1.0)."),
             ],
             outputs=[
-                IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode); "
-                                                                     "in rank_relaxed mode the input identity."),
+                IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode; "
+                                                                     "apply it at id_strength); in rank_relaxed "
+                                                                     "mode the input identity."),
                 io.LoraModel.Output(display_name="lora", tooltip="The refined LoRA (ComfyUI keys), id_strength "
                                                                  "included: load it at 1.0 (Load LoRA Model), "
                                                                  "or Save LoRA Weights."),

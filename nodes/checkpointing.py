@@ -31,9 +31,19 @@ def checkpoint_units(root: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def _fresh(x):
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
 def _checkpointed(forward: Callable) -> Callable:
+    """``forward`` under non-reentrant checkpointing. Its tensor arguments are cloned inside the recomputed region:
+    some units add to their inputs in place (Flux's blocks do ``x += ...``), which would otherwise change the
+    inputs kept for the recomputation and silently give wrong gradients. The clones are not kept."""
+    def fresh(*args, **kwargs):
+        return forward(*map(_fresh, args), **{k: _fresh(v) for k, v in kwargs.items()})
+
     def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fresh, *args, use_reentrant=False, **kwargs)
     return run
 
 

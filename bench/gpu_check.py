@@ -32,7 +32,7 @@ from refine import CONFIGS, build, comfy_modules, pack_modules, predicted_identi
 
 SIZES = {  # size -> sampling steps timed, refine steps, resolution, photos for predict + mix
     "full": {"sample_steps": 8, "refine_steps": 50, "resolution": 1024, "photos": (1, 4)},
-    "tiny": {"sample_steps": 3, "refine_steps": 3, "resolution": 64, "photos": (1, 4)},
+    "tiny": {"sample_steps": 2, "refine_steps": 2, "resolution": 64, "photos": (1, 4)},
 }
 
 

@@ -22,7 +22,7 @@ def test_gpu_check_runs_tiny_on_the_cpu(comfy, tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--comfyui", os.environ["COMFYUI_PATH"],
            "--size", "tiny", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          timeout=1200, check=False)
+                          timeout=2400, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     show("\n" + done.stdout)
     report = json.loads(out.read_text())
@@ -31,7 +31,7 @@ def test_gpu_check_runs_tiny_on_the_cpu(comfy, tmp_path):
     rows = {(r["mode"], r["checkpointing"]) for r in report["refine"]}
     assert rows == {(m, c) for m in ("rank_relaxed", "coefficients") for c in (True, False)}
     for row in report["refine"]:
-        assert row["steps"] == 3 and row["lora_pairs"] == 560
+        assert row["steps"] == 2 and row["lora_pairs"] == 560
         assert math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])
         assert row["saved_bytes"] > 0 and row["peak_bytes"] > 0
     assert "refine mode" in done.stdout and "sampling:" in done.stdout

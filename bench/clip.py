@@ -1,12 +1,11 @@
-"""Benchmark of the CLIP ViT-L/14 penultimate tokens: our plain-torch tower against the reference implementations.
+"""Benchmark of the CLIP ViT-L/14 penultimate tokens: the core's encoder (open_clip's tower) against transformers.
 
     python bench/clip.py [--threads 2] [--batch 1 4] [--repeat 5] [--device cpu] [--dtype fp32]
 
 Full-size random weights (24 blocks, width 1024, QuickGELU) are written once as an HF folder; the same weights
-run through ``hyperlora_core.clip.ClipVisionEncoder``, transformers' ``CLIPVisionModel`` (``hidden_states[-2]``)
-and, where it imports (it needs torchvision), open_clip's ``VisionTransformer``. Each line prints the median time,
-its ratio to transformers' and the largest difference of the tokens from transformers'. transformers runs all
-24 blocks (its last hidden state comes with the others); ours and open_clip's stop after block 23.
+run through ``hyperlora_core.clip.ClipVisionEncoder`` (open_clip's ``VisionTransformer``, 23 blocks) and
+transformers' ``CLIPVisionModel`` (``hidden_states[-2]``; it runs all 24 blocks). Each line prints the median time,
+its ratio to transformers' and the largest difference of the tokens from transformers'.
 """
 
 from __future__ import annotations
@@ -38,30 +37,6 @@ def median_time(fn, repeat: int, sync) -> float:
     return statistics.median(times)
 
 
-def open_clip_runner(encoder, device, dtype):
-    """open_clip's own tower with our encoder's weights (the same key names), or None and the reason where
-    open_clip cannot import."""
-    import torch
-
-    try:
-        from open_clip.transformer import QuickGELU, VisionTransformer
-    except (ImportError, RuntimeError) as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    blocks = len(encoder.visual.transformer.resblocks)
-    tower = VisionTransformer(image_size=224, patch_size=14, width=1024, layers=blocks, heads=16, mlp_ratio=4.0,
-                              output_dim=768, act_layer=QuickGELU)
-    tower.load_state_dict(encoder.visual.state_dict(), strict=False)  # ln_post and proj are never used
-    tower = tower.to(device=device, dtype=dtype).eval()
-
-    def run(pixels):
-        with torch.no_grad():
-            out = tower.forward_intermediates(pixels, indices=[blocks - 1], output_fmt="NLC",
-                                              output_extra_tokens=True, intermediates_only=True)
-        return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-
-    return run, ""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -84,12 +59,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         encoder = ClipVisionEncoder.from_folder(tmp, device=device, dtype=dtype)
-    runner, why = open_clip_runner(encoder, device, dtype)
     hf = hf.to(device=device, dtype=dtype)
     print(f"CLIP ViT-L/14 penultimate tokens, {args.device} {args.dtype}, {args.threads} threads, "
           f"median of {args.repeat}; torch {torch.__version__}, transformers {transformers.__version__}")
-    if runner is None:
-        print(f"  open_clip: not measured here ({why})")
     for batch in args.batch:
         pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
         pixels = pixels.to(device=device, dtype=dtype)
@@ -100,8 +72,6 @@ def main() -> None:
 
         expected = reference(pixels).float()
         rows = [("transformers", reference), ("ours", encoder.encode)]
-        if runner is not None:
-            rows.append(("open_clip", runner))
         base = None
         print(f"batch {batch}:")
         for name, fn in rows:

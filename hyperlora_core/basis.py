@@ -12,7 +12,7 @@ half-precision part (two entries on the same row, which is then still in cache),
 float32 precision and the only rounding left is that single one of the result.
 
 Files whose layout does not allow the flat view (mixed dtypes, odd offsets) take a slower exact path that
-streams tensors of equal shape through a float32 staging buffer, one ``bmm`` per chunk.
+streams tensors of equal shape through a float32 staging buffer, one :func:`mix_bases` per chunk.
 
 Letters: ``j`` basis tensors, ``k`` basis size, ``s`` rows of a tensor in the flat view, ``d`` row width.
 """
@@ -20,7 +20,8 @@ Letters: ``j`` basis tensors, ``k`` basis size, ``s`` rows of a tensor in the fl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,28 @@ STAGE_BYTES = 8 << 20  # staged path: float32 buffer per chunk, sized to stay in
 PROGRESS_STEPS = 8
 
 
+def mixing_threads(rows: torch.Tensor) -> int:
+    """Threads for one mixing: as many as torch is given. Only where ``embedding_bag`` runs on one core (half
+    precision on the CPU, measured with torch 2.14); in float32, and on GPUs, the kernel parallelises itself."""
+    if rows.device.type != "cpu" or rows.dtype == torch.float32:
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def token_index(module: int, linear: int, side: int) -> int:
+    """The coefficient token that mixes side ``side`` (0 down, 1 up) of linear ``linear`` (0..3) of ``module``."""
+    return module * TOKENS_PER_MODULE + 2 * linear + side
+
+
+def mix_bases(coefs: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """The method's mixing, ``Σ_k c_k · basis[k]``, for every member at once: the one definition of it.
+
+    coefs ``[..., j, k]`` and bases ``[j, k, a, b]`` -> ``[..., j, a, b]`` in float32. Inference's staged path and
+    training call this; the flat path is an exact rewrite of it for memory-mapped files (tested equal).
+    """
+    return torch.einsum("...jk,jkab->...jab", coefs.float(), bases.float())
+
+
 @dataclass(frozen=True)
 class Member:
     """One basis tensor and where its mixed matrix goes."""
@@ -43,6 +66,16 @@ class Member:
     token: int  # coefficient token that mixes it
     output: tuple[int, str, str]  # (module index, linear, "down" | "up")
     shape: tuple[int, int, int]  # (k, a, b)
+
+
+def _run(fn: Callable[[int, int], int], parts: list[tuple[int, int]], workers: int) -> Iterator[int]:
+    """fn over every (start, stop) part, inline or on ``workers`` threads; yields results as they complete.
+    The mixing kernel releases the GIL, so each thread mixes its own bags and faults its own pages in."""
+    if workers == 1:
+        yield from (fn(*p) for p in parts)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="hyperlora-mix") as pool:
+        yield from (future.result() for future in as_completed([pool.submit(fn, *p) for p in parts]))
 
 
 class FlatRows:
@@ -82,7 +115,7 @@ class BasisBank:
             for j, (linear, _, _) in enumerate(LINEARS):
                 for side_index, side in enumerate(("down", "up")):
                     key = f"{i}.{linear}.{kind}_{side}_basis"
-                    self.members.append(Member(key, i * TOKENS_PER_MODULE + 2 * j + side_index, (i, linear, side),
+                    self.members.append(Member(key, token_index(i, j, side_index), (i, linear, side),
                                                file.shape(key)))
         self.tokens = torch.tensor([m.token for m in self.members])
         self.flat = flat if flat is not None and flat.ok else None
@@ -129,17 +162,27 @@ class BasisBank:
         index = self.index.to(coefs.device)
         bags = index.shape[0]
         out = torch.empty((bags, flat.d), dtype=torch.float32, device=coefs.device)
-        step = -(-bags // PROGRESS_STEPS)
-        for start in range(0, bags, step):
-            stop = min(bags, start + step)
-            out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, per_sample_weights=weights[start:stop],
-                                              mode="sum")
+
+        inference = torch.is_inference_mode_enabled()  # thread-local, like grad mode: carried into the workers
+
+        def part(start: int, stop: int) -> int:
+            with torch.inference_mode(inference), torch.no_grad():
+                out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, mode="sum",
+                                                  per_sample_weights=weights[start:stop])
+            return stop - start
+
+        workers = mixing_threads(flat.rows)
+        step = -(-bags // (PROGRESS_STEPS * workers))
+        parts = [(start, min(bags, start + step)) for start in range(0, bags, step)]
+        mixed = 0
+        for n in _run(part, parts, workers):
+            mixed += n
             if progress is not None:
-                progress(stop, bags)
+                progress(mixed, bags)
         return [m.flatten() for m in out.split(self.n_rows)]
 
     def _mix_staged(self, coefs: torch.Tensor, progress: Progress | None) -> list[torch.Tensor]:
-        """Exact fallback: members of one shape go through a float32 staging buffer, one bmm per chunk."""
+        """Exact fallback: members of one shape go through a float32 staging buffer, one mix_bases per chunk."""
         by_shape: dict[tuple[int, int, int], list[int]] = {}
         for j, m in enumerate(self.members):
             by_shape.setdefault(m.shape, []).append(j)
@@ -152,7 +195,7 @@ class BasisBank:
                 part = group[start: start + chunk]
                 for slot, j in enumerate(part):
                     stage[slot].copy_(self.file.tensor(self.members[j].key).view(k, a * b))
-                mixed = torch.bmm(coefs[part].cpu().unsqueeze(1), stage[: len(part)]).squeeze(1)
+                mixed = mix_bases(coefs[part].cpu(), stage[: len(part)].view(len(part), k, a * b, 1)).flatten(1)
                 for row, j in zip(mixed, part, strict=True):
                     results[j] = row
             done += len(group)

@@ -5,10 +5,9 @@ CLIPVisionModel, CLIPVisionModelWithProjection or full CLIPModel) by key convers
 ``.safetensors`` checkpoint (``visual.*`` keys). Only safetensors is read. It returns the penultimate hidden
 states with the class token, i.e. transformers' ``hidden_states[-2]``.
 
-The tower itself is written here in plain torch (``VisionTower``, open_clip's parameter names) rather than
-imported from open_clip_torch: open_clip imports torchvision at package import, which a CPU-only torch cannot
-load, and the tower is a few dozen lines. tests/test_clip.py holds it equal to transformers' CLIPVisionModel,
-and to open_clip's VisionTransformer where that imports.
+The tower is open_clip_torch's ``VisionTransformer``; this module only reads the file, converts HF key names to
+open_clip's, and checks every key and shape first. Inside ComfyUI the nodes use ComfyUI's own ``comfy.clip_vision``
+instead (nodes/handle.py). tests/test_clip.py holds the tokens equal to transformers' CLIPVisionModel.
 
 Letters: ``b`` images, ``n`` tokens (1 class token + grid²), ``d`` width (1024 for ViT-L/14).
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +25,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .config import Shapes, check_keys
 from .errors import (
     ClipConfigError,
     ClipInputError,
     ClipModelMissing,
+    DependencyMissing,
     MissingKeyError,
     ShapeMismatchError,
 )
@@ -389,79 +387,30 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
     return dtype
 
 
-class _Attention(nn.Module):
-    """Multi-head self-attention with the q, k, v projections packed in one matrix (open_clip's key names)."""
+def build_tower(config: ClipVisionConfig, layers: int) -> nn.Module:
+    """open_clip's ``VisionTransformer`` with ``layers`` blocks, on the meta device, without its head.
 
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+    open_clip builds the image tower (the same class serves its ViT-L-14-quickgelu); only the dimensions come from
+    the file. The final LayerNorm and projection are pruned: the penultimate tokens never pass through them.
+    """
+    from functools import partial
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 b h n d/h
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d/h)) v, no mask: CLIP's image side
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class _QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), the activation OpenAI's CLIP was trained with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class _Block(nn.Module):
-    """Pre-norm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, config: ClipVisionConfig) -> None:
-        super().__init__()
-        d, eps = config.width, config.layer_norm_eps
-        self.ln_1 = nn.LayerNorm(d, eps=eps)
-        self.attn = _Attention(d, config.heads)
-        self.ln_2 = nn.LayerNorm(d, eps=eps)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d, config.mlp_dim)),
-            ("gelu", _QuickGELU() if config.quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(config.mlp_dim, d)),
-        ]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class _Blocks(nn.Module):
-    def __init__(self, config: ClipVisionConfig, layers: int) -> None:
-        super().__init__()
-        self.resblocks = nn.ModuleList(_Block(config) for _ in range(layers))
-
-
-class VisionTower(nn.Module):
-    """CLIP's ViT image tower up to a chosen block, with open_clip's parameter names (``conv1``, ``ln_pre``,
-    ``transformer.resblocks.{i}``...). It returns the tokens after the last block it holds, class token first,
-    with no final norm or projection: built with ``layers - 1`` blocks that is transformers'
-    ``hidden_states[-2]``."""
-
-    def __init__(self, config: ClipVisionConfig, layers: int) -> None:
-        super().__init__()
-        d, p = config.width, config.patch_size
-        self.conv1 = nn.Conv2d(3, d, kernel_size=p, stride=p, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(d))
-        self.positional_embedding = nn.Parameter(torch.empty(config.num_tokens, d))
-        self.ln_pre = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.transformer = _Blocks(config, layers)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(pixels).flatten(2).transpose(1, 2)  # b d h w -> b (h w) d, row-major patches
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
-        for block in self.transformer.resblocks:
-            x = block(x)
-        return x
+    try:
+        from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+    except ImportError as exc:
+        raise DependencyMissing(
+            f"{WHAT}: the standalone CLIP encoder needs open_clip_torch ({exc}). Install it with "
+            "'pip install open_clip_torch', or, in ComfyUI, connect Load CLIP Vision (no extra package needed)."
+        ) from exc
+    with torch.device("meta"):
+        visual = VisionTransformer(
+            image_size=config.image_size, patch_size=config.patch_size, width=config.width, layers=layers,
+            heads=config.heads, mlp_ratio=config.mlp_dim / config.width,
+            act_layer=QuickGELU if config.quick_gelu else nn.GELU,
+            norm_layer=partial(LayerNorm, eps=config.layer_norm_eps),
+        )
+    visual.prune_intermediate_layers(indices=[layers - 1], prune_norm=True, prune_head=True)
+    return visual
 
 
 class ClipVisionEncoder:
@@ -500,8 +449,7 @@ class ClipVisionEncoder:
             state = {k: sf.tensor(prefix + k) for k in config.open_clip_shapes(run)}
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(dtype, device)
-        with torch.device("meta"):
-            visual = VisionTower(config, run)
+        visual = build_tower(config, run)
         visual.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
         log.info("%s: loaded '%s' (%s layout, width %d, %d blocks, %d heads) on %s as %s.", WHAT, sf.path,
                  kind, config.width, config.layers, config.heads, device, dtype)
@@ -516,6 +464,9 @@ class ClipVisionEncoder:
                 "Pass the output of hyperlora_core.clip.preprocess."
             )
         x = pixels.to(device=self.device, dtype=self.dtype)
+        last = len(self.visual.transformer.resblocks) - 1
         with torch.no_grad():  # not inference_mode: the tokens may feed a differentiable resampler
-            tokens = self.visual(x)
+            out = self.visual.forward_intermediates(x, indices=[last], intermediates_only=True, output_fmt="NLC",
+                                                    output_extra_tokens=True)
+        tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
         return tokens.float()

@@ -1,83 +1,137 @@
-"""Face crops for the two encoders.
+"""Face crops for the encoders, exactly as the released checkpoints were trained on (DESIGN.md §1, Preprocessing).
 
-- ``clip_crop``: the square CLIP sees (DESIGN.md): around the 106-landmark box, centre moved up by 0.125*l,
-  half-side l = 0.75*max(w, h) of that box. Cut at the image's own resolution (no resampling; CLIP preprocessing
-  resizes it). Pixels outside the image are grey #7f7f7f. Optionally the background is replaced by the same grey
-  through a blurred face-outline mask, and the crop turned grey (kept 3-channel).
-- ``arcface_crop``: 112x112, aligned by a similarity transform from the detector's 5 keypoints onto the standard
-  ArcFace template (the input glintr100 sees; shown as a preview).
+All cuts are PIL ``crop`` calls on float boxes (PIL rounds each edge; pixels outside the image are black, 0), so
+a crop may be one pixel wider than tall. With the 106 landmarks' bounding box (w, h) and centre:
 
-cv2 (installed with insightface) is imported inside the functions.
+- ``clip_square``: centre moved up by 0.125·l, half-side l = 0.75·max(w, h).
+- ``clip_crop``: that square, cut from the background-removed canvas (``background.py``) or from the photo itself;
+  optionally PIL ``convert('L')`` (kept 3-channel, as CLIPImageProcessor converts it back to RGB).
+- ``arcface_box``: the square of half-side 2·l about the same centre, cut from the *original* photo; the face
+  detector runs again on it (``face.py``).
+- ``base_crop``: the Base-LoRA's input: the face blurred into the photo, then (``crop``) the box
+  (cx − l·a, cy − l·c, cx + l·b, cy + l·d) with (a, b, c, d) = ``crop_scale_lrtb``, clamped to the photo
+  (``safe_crop``).
+- ``arcface_crop``: 112×112, aligned by a similarity transform from 5 detector keypoints onto the standard ArcFace
+  template (what glintr100 sees).
+
+Images are HxWx3 uint8 RGB arrays; PIL and cv2 are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
-GREY = 127  # #7f7f7f
 ARCFACE_SIZE = 112
 # Standard ArcFace 5-point template for 112x112 (left eye, right eye, nose tip, left and right mouth corner)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
-UP_SHIFT = 0.125  # centre moves up by this fraction of the half-side
-HALF_SIDE = 0.75  # half-side as a fraction of the landmark box's longer side
-FOREHEAD = 0.4  # the outline mask adds a forehead cap this fraction of the landmark box height
-MASK_RES = 256  # the outline mask is drawn and blurred at this resolution, then scaled to the crop
-MASK_BLUR = 0.03  # Gaussian sigma of the mask blur, as a fraction of the crop side
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
+UP_SHIFT = 0.125  # the CLIP crop's centre moves up by this fraction of its half-side
+HALF_SIDE = 0.75  # the CLIP crop's half-side, as a fraction of the 106-point box's longer side
+ARCFACE_SCALE = 2.0  # the re-detection square's half-side, in CLIP half-sides
+LANDMARKS = 106
 
 
-def clip_crop_box(landmark_106: np.ndarray) -> tuple[int, int, int]:
-    """Integer crop square (x0, y0, side) in image pixels: x0 = round(cx - l), y0 = round(cy - l), side = round(2l)."""
-    pts = _points(landmark_106, "landmark_106")
+@dataclass(frozen=True)
+class BaseCrop:
+    """Which part of the face-blurred photo the Base-LoRA's CLIP sees (the authors' BaseCond options)."""
+
+    crop: bool = True  # cut the box below; False: the whole (blurred) photo
+    crop_scale_lrtb: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # left, right, top, bottom, in l
+    safe_crop: bool = True  # clamp the box to the photo (no black margins)
+
+    def __post_init__(self) -> None:
+        scales = tuple(float(v) for v in self.crop_scale_lrtb)
+        if len(scales) != 4 or not all(np.isfinite(scales)):
+            raise ValueError(f"crop_scale_LRTB must be four numbers (left, right, top, bottom), got "
+                             f"{self.crop_scale_lrtb!r}")
+        if scales[0] + scales[1] <= 0 or scales[2] + scales[3] <= 0:
+            raise ValueError(f"crop_scale_LRTB {scales} gives an empty box: left + right and top + bottom must be "
+                             "above 0 (1,1,1,1 is the authors' default)")
+        object.__setattr__(self, "crop_scale_lrtb", scales)
+
+    @classmethod
+    def parse(cls, crop: bool, crop_scale_lrtb: str, safe_crop: bool) -> BaseCrop:
+        """From the node's text input, e.g. "1,1,1,1" or "1, 1, 0.8, 1.2"."""
+        parts = [p for p in str(crop_scale_lrtb).replace(" ", "").split(",") if p]
+        try:
+            scales = tuple(float(p) for p in parts)
+        except ValueError:
+            scales = ()
+        if len(scales) != 4:
+            raise ValueError(f"crop_scale_LRTB must be four comma-separated numbers (left, right, top, bottom), "
+                             f"e.g. 1,1,1,1; got {crop_scale_lrtb!r}")
+        return cls(crop=bool(crop), crop_scale_lrtb=scales, safe_crop=bool(safe_crop))
+
+
+def clip_square(landmark_106: np.ndarray) -> tuple[float, float, float]:
+    """(cx, cy, l): the CLIP crop's centre and half-side in image pixels (see the module docstring).
+
+    Computed in the landmarks' own float type (insightface gives float32), as the authors do, so that PIL rounds
+    the same box edges.
+    """
+    pts = _points(landmark_106, "landmark_106", LANDMARKS)
     (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
-    half = HALF_SIDE * float(max(x2 - x1, y2 - y1))
+    half = max(x2 - x1, y2 - y1) * HALF_SIDE
     if not half > 0:
         raise ValueError("landmark_106 collapses to a point: the face landmarks are unusable")
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0 - UP_SHIFT * half
-    return math.floor(cx - half + 0.5), math.floor(cy - half + 0.5), max(1, math.floor(2 * half + 0.5))
+    return (x1 + x2) * 0.5, (y1 + y2) * 0.5 - half * UP_SHIFT, half
 
 
 def clip_crop(image_rgb8: np.ndarray, landmark_106: np.ndarray, *, remove_background: bool,
               grayscale: bool) -> np.ndarray:
-    """Square uint8 RGB crop around the face for CLIP (see the module docstring)."""
+    """The crop CLIP sees, uint8 RGB (see the module docstring)."""
+    from PIL import Image
+
+    from .background import remove_background as grey_out
+
     _check_image(image_rgb8)
-    x0, y0, side = clip_crop_box(landmark_106)
-    crop = _cut(image_rgb8, x0, y0, side)
-    if remove_background:
-        mask = outline_mask(np.asarray(landmark_106, np.float32) - np.array([x0, y0], np.float32), side)
-        blended = crop.astype(np.float32) * mask[:, :, None] + GREY * (1.0 - mask[:, :, None])
-        crop = np.rint(blended).astype(np.uint8)
+    cx, cy, half = clip_square(landmark_106)
+    photo = Image.fromarray(image_rgb8)
+    source = grey_out(photo, landmark_106) if remove_background else photo
+    face = source.crop((cx - half, cy - half, cx + half, cy + half))
     if grayscale:
-        luma = np.rint(crop.astype(np.float32) @ _LUMA).clip(0, 255).astype(np.uint8)
-        crop = np.repeat(luma[:, :, None], 3, axis=2)
-    return crop
+        face = face.convert("L")
+    return np.asarray(face.convert("RGB"))
 
 
-def outline_mask(points: np.ndarray, side: int) -> np.ndarray:
-    """Float32 [side, side] in [0, 1]: 1 on the face (convex hull of the landmarks plus a forehead cap), 0 far away.
+def arcface_box(landmark_106: np.ndarray) -> tuple[float, float, float, float]:
+    """The square the ArcFace face is detected again in: half-side 2·l about the CLIP crop's centre."""
+    cx, cy, half = clip_square(landmark_106)
+    half *= ARCFACE_SCALE
+    return cx - half, cy - half, cx + half, cy + half
 
-    ``points`` are the landmarks in crop pixels. Drawn at MASK_RES, blurred, then resized to the crop.
-    """
-    import cv2
 
-    res = min(side, MASK_RES)
-    scale = res / side
-    pts = np.asarray(points, np.float64) * scale
-    (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
-    t = np.linspace(0.0, np.pi, 16)
-    cap = np.stack([(x1 + x2) / 2 + (x2 - x1) / 2 * np.cos(t), y1 - FOREHEAD * (y2 - y1) * np.sin(t)], 1)
-    hull = cv2.convexHull(np.round(np.concatenate([pts, cap]) * 16).astype(np.int32))
-    mask = np.zeros((res, res), np.float32)
-    cv2.fillConvexPoly(mask, hull, 1.0, lineType=cv2.LINE_AA, shift=4)
-    sigma = MASK_BLUR * res
-    k = 2 * math.ceil(3 * sigma) + 1
-    mask = cv2.GaussianBlur(mask, (k, k), sigma, borderType=cv2.BORDER_CONSTANT)
-    if res != side:
-        mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_LINEAR)
-    return np.clip(mask, 0.0, 1.0)
+def arcface_region(image_rgb8: np.ndarray, landmark_106: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """The original photo cut to ``arcface_box`` (PIL crop, black outside) and the cut's top-left pixel."""
+    from PIL import Image
+
+    _check_image(image_rgb8)
+    box = arcface_box(landmark_106)
+    cut = Image.fromarray(image_rgb8).crop(box)
+    return np.asarray(cut), (int(round(box[0])), int(round(box[1])))  # PIL's own rounding of the box
+
+
+def base_crop(image_rgb8: np.ndarray, landmark_106: np.ndarray, options: BaseCrop = BaseCrop()) -> np.ndarray:
+    """The Base-LoRA's CLIP input, uint8 RGB: the face blurred into the photo, then cut (see the docstring)."""
+    from PIL import Image
+
+    from .background import blur_face
+
+    _check_image(image_rgb8)
+    blurred = blur_face(Image.fromarray(image_rgb8), landmark_106)
+    if options.crop:
+        cx, cy, half = clip_square(landmark_106)
+        a, b, c, d = options.crop_scale_lrtb
+        x1, y1, x2, y2 = cx - half * a, cy - half * c, cx + half * b, cy + half * d
+        if options.safe_crop:
+            x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(blurred.width, x2), min(blurred.height, y2)
+        if round(x2) <= round(x1) or round(y2) <= round(y1):
+            raise ValueError(f"the Base crop box ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}) holds no pixel of the "
+                             f"{blurred.width}x{blurred.height} photo; use crop_scale_LRTB 1,1,1,1 or turn crop off")
+        blurred = blurred.crop((x1, y1, x2, y2))
+    return np.asarray(blurred.convert("RGB"))
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -110,18 +164,11 @@ def arcface_crop(image_rgb8: np.ndarray, kps: np.ndarray) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
-def _cut(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
-    """image[y0:y0+side, x0:x0+side] with grey where the square leaves the image."""
-    h, w = image.shape[:2]
-    out = np.full((side, side, 3), GREY, np.uint8)
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
-    if ix1 > ix0 and iy1 > iy0:
-        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
-    return out
-
-
 def _points(points: np.ndarray, name: str, count: int | None = None) -> np.ndarray:
-    pts = np.asarray(points, np.float64)
+    """The points as given (dtype kept: the authors' arithmetic runs in the landmarks' own float32)."""
+    pts = np.asarray(points)
+    if not np.issubdtype(pts.dtype, np.floating):
+        pts = pts.astype(np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2 or (count is not None and pts.shape[0] != count) or len(pts) < 2:
         want = f"[{count}, 2]" if count else "[n, 2]"
         raise ValueError(f"{name} must have shape {want}, got {pts.shape}")

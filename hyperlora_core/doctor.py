@@ -1,4 +1,6 @@
-"""``python -m hyperlora_core doctor --models <ComfyUI models dir>``: every file the nodes need, checked.
+"""The doctor: every file and package the nodes need, checked. From ComfyUI's folder:
+``python custom_nodes/ComfyUI-HyperLoRA/doctor.py`` (or ``python -m hyperlora_core doctor --models <models dir>``
+from this package's folder).
 
 Each check reports ok / warn / problem, what it found, and the exact fix. It answers the commonest user
 reports: files in the wrong folder, a nested antelopev2 folder, git-LFS pointers instead of weights, truncated
@@ -12,14 +14,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import MODULES_JSON, open_checkpoint
+from .checkpoint import MODULES_JSON, open_checkpoint, read_basis_config, read_module_list
+from .config import IdProjectorConfig, ResamplerConfig
 from .errors import HyperLoRAError
+from .safetensors_file import SafetensorsFile
+from .sources import ANTELOPEV2, CHECKPOINT, CLIP_VIT_L14
 from .topology import SDXL, UNetSpec
 
+COMMAND = "python custom_nodes/ComfyUI-HyperLoRA/doctor.py"  # how users run it, from ComfyUI's folder
 ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
+UNUSED_ANTELOPE = ("genderage.onnx", "1k3d68.onnx")  # in the download, never loaded by the nodes: a note at most
 CLIP_WIDTH = 1024  # ViT-L/14 token width, what the released resampler reads
+# leaves exactly one runtime, the one insightface depends on (README: "Face analysis on the GPU" for the other way)
+ONNXRUNTIME_FIX = "pip uninstall -y onnxruntime-gpu onnxruntime && pip install onnxruntime"
 MIN_ONNX_BYTES = 1024  # smaller than this is an empty file, an error page or a pointer
-STATUSES = ("ok", "warn", "problem")
+STATUSES = ("ok", "note", "warn", "problem")
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,7 @@ class Check:
     """One line of the doctor's table."""
 
     name: str  # what was checked
-    status: str  # "ok", "warn" or "problem"
+    status: str  # "ok", "note" (nothing to do), "warn" (works, worth fixing) or "problem" (does not work)
     detail: str  # what was found
     fix: str = ""  # the exact fix, empty when nothing is to be done
 
@@ -50,15 +59,16 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
     folders = [f for f in checkpoint_folders(models) if any(f.rglob(MODULES_JSON)) or any(f.glob("*.safetensors"))]
     if not folders:
         return [Check("HyperLoRA checkpoint", "problem", f"no checkpoint folder in {models / 'hyper_lora'}",
-                      f"put the released folder, e.g. sdxl_hyper_id_lora_v1_fidelity/ with {MODULES_JSON} and the "
-                      f"three .safetensors files, into {models / 'hyper_lora'}/")]
+                      f"download the released folder ({CHECKPOINT.origin}: {MODULES_JSON} and the three "
+                      f".safetensors files) into {models / 'hyper_lora'}/")]
     checks = []
     for folder in folders:
         name = f"checkpoint {folder.name}"
         try:
             ckpt = open_checkpoint(folder, unet=unet)
-        except HyperLoRAError as exc:
-            checks.append(Check(name, "problem", str(exc), _fix_for(exc)))
+        except HyperLoRAError as exc:  # say what is wrong with each file, not only the first one met
+            problems = [c for c in check_checkpoint_files(folder, unet) if c.status == "problem"]
+            checks += problems or [Check(name, "problem", str(exc), _fix_for(exc))]
             continue
         detail = (f"{len(ckpt.modules)} modules, K={ckpt.basis.k}, rank {ckpt.basis.id_rank}, "
                   f"encoders {'+'.join(ckpt.encoders)}")
@@ -68,6 +78,57 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
         else:
             checks.append(Check(name, "ok", detail))
     return checks
+
+
+def check_checkpoint_files(folder: Path, unet: UNetSpec = SDXL) -> list[Check]:
+    """One line per file of a checkpoint folder, each file checked on its own (a bad one does not hide the next)."""
+    from .checkpoint import find_folder
+
+    try:
+        folder = find_folder(folder)
+    except HyperLoRAError:
+        pass  # the module list's own line says it is missing
+    name = f"checkpoint {folder.name}"
+    checks, found = [], {}
+
+    def attempt(file: str, read) -> None:
+        try:
+            found[file] = read(folder / file)
+            checks.append(Check(f"{name}/{file}", "ok", "readable"))
+        except (HyperLoRAError, OSError) as exc:
+            checks.append(Check(f"{name}/{file}", "problem", str(exc), _fix_for(exc)))
+
+    attempt(MODULES_JSON, lambda path: read_module_list(path.parent, unet))
+    modules = found.get(MODULES_JSON)
+    attempt("hyper_lora_modules.safetensors", lambda path: _basis(path, modules))
+    for file, what in (("resampler.safetensors", "resampler"), ("base_resampler.safetensors", "base resampler")):
+        if file == "resampler.safetensors" or (folder / file).exists():
+            attempt(file, lambda path, what=what: _resampler(path, what))
+    resampler = found.get("resampler.safetensors")
+    projector = folder / "id_projector.safetensors"
+    if projector.exists():
+        attempt(projector.name, lambda path: IdProjectorConfig.from_shapes(
+            _shapes(SafetensorsFile(path, "ID projector")), what="ID projector", path=path))
+    elif resampler is None or resampler.two_conditions:
+        checks.append(Check(f"{name}/{projector.name}", "problem", "missing (the released checkpoints have it)",
+                            f"download {projector.name} of the same release into {folder}/"))
+    return checks
+
+
+def _basis(path: Path, modules) -> object:
+    file = SafetensorsFile(path, "LoRA basis")
+    return read_basis_config(file, modules[1], modules[2]) if modules is not None else file
+
+
+def _resampler(path: Path, what: str) -> ResamplerConfig:
+    file = SafetensorsFile(path, what)
+    told = file.metadata.get("dim_head", "64")
+    dim_head = int(told) if told.isdigit() else 64
+    return ResamplerConfig.from_shapes(_shapes(file), what=what, path=path, dim_head=dim_head)
+
+
+def _shapes(file: SafetensorsFile) -> dict:
+    return {key: info.shape for key, info in file.tensors.items()}
 
 
 def _fix_for(exc: Exception) -> str:
@@ -86,7 +147,7 @@ def check_clip(models: Path, width: int = CLIP_WIDTH) -> list[Check]:
             candidates += sorted(p for p in parent.iterdir() if p.is_dir() or p.suffix == ".safetensors")
     if not candidates:
         return [Check("CLIP ViT-L/14", "problem", "no CLIP vision model found",
-                      f"put openai/clip-vit-large-patch14 (config.json + model.safetensors) into "
+                      f"download {CLIP_VIT_L14.origin} (config.json + model.safetensors) into "
                       f"{models / 'hyper_lora' / 'clip_vit' / 'clip_vit_large_14'}/, or its .safetensors into "
                       f"{models / 'clip_vision'}/")]
     return [_check_clip_candidate(path, width) for path in candidates]
@@ -117,13 +178,22 @@ def check_insightface(models: Path) -> list[Check]:
                             f"move the .onnx files up into {base}/ and remove the inner folder"))
     if not folder.is_dir():
         return [Check("antelopev2", "problem", f"{base} does not exist",
-                      f"download antelopev2 ({', '.join(ANTELOPE_FILES)}) and put the files in {base}/")]
+                      f"download antelopev2 ({ANTELOPEV2.origin}: {', '.join(ANTELOPE_FILES)}) and put the "
+                      f"files in {base}/")]
     for name in ANTELOPE_FILES:
         checks.append(_check_onnx(folder / name))
     return checks
 
 
 def _check_onnx(path: Path) -> Check:
+    check = _check_onnx_file(path)
+    if path.name in UNUSED_ANTELOPE and check.status == "problem":
+        return Check(check.name, "note", f"{check.detail}; the nodes never use it (insightface's "
+                     f"{'gender/age' if path.name.startswith('genderage') else '3D landmark'} model)")
+    return check
+
+
+def _check_onnx_file(path: Path) -> Check:
     name = f"antelopev2/{path.name}"
     if not path.is_file():
         return Check(name, "problem", "missing", f"put {path.name} from antelopev2 into {path.parent}/")
@@ -152,12 +222,11 @@ def check_packages(version: Callable[[str], str] = metadata.version,
             pass
     if not installed:
         checks.append(Check("onnxruntime", "problem", "not installed",
-                            "pip install onnxruntime-gpu (NVIDIA GPU) or pip install onnxruntime"))
+                            "pip install onnxruntime"))
     elif len(installed) == 2:
         checks.append(Check("onnxruntime", "warn", f"both installed ({', '.join(installed)}); they share one folder "
                             "and the last one installed wins",
-                            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
-                            "(or onnxruntime without an NVIDIA GPU)"))
+                            ONNXRUNTIME_FIX))
     else:
         checks.append(Check("onnxruntime", "ok", installed[0]))
     listed = providers() if providers is not None else _providers()
@@ -193,5 +262,6 @@ def format_table(checks: list[Check]) -> str:
         if c.fix:
             lines.append(f"{''.ljust(width)}  {'':<7}  fix: {c.fix}")
     problems = sum(c.status == "problem" for c in checks)
-    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s)")
+    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s), "
+                 f"{sum(c.status == 'note' for c in checks)} note(s)")
     return "\n".join(lines)

@@ -1,10 +1,21 @@
 """Face analysis on an insightface antelopev2 folder: detection, 106 landmarks and the ArcFace embedding.
 
 Only three of the folder's five models run: the SCRFD detector, the 106-point landmark model and glintr100.
-Per image, the detector runs once at ``det_size``; only when it finds nothing does the analyzer retry, first with
-the image shrunk into a black border (a face that fills the frame is too large for the detector's anchors), then
-at smaller detection sizes. Each size is passed to the detector per call, because insightface 2.1 ignores
-``det_model.input_size``. Landmarks and the embedding are computed for the chosen face only, on the original image.
+It follows the authors' pipeline (DESIGN.md §1) and only adds where that pipeline finds no face or several:
+
+1. Detection at ``det_size`` (640), then 512, 384, 256: the first size that finds any face wins, as in the
+   authors' nodes. Only when all of them find nothing does the analyzer retry with the image shrunk into a black
+   border (a face that fills the frame is too large for the detector's anchors). Each size is passed to the
+   detector per call, because insightface 2.1 ignores ``det_model.input_size``.
+2. Which face: the authors take the detector's first (highest score); we take the largest, or the
+   ``face_index``-th from the left. On a one-face photo that is the same face.
+3. Its 106 landmarks, from the original image.
+4. The ArcFace embedding, as the authors make it: the original photo cut to the square of half-side 2·l about the
+   CLIP crop's centre (``crops.arcface_region``), the detector run again on that cut at ``det_size``, and the
+   first face it returns embedded. When that second detection finds several faces we embed the one that
+   overlaps the chosen face most (the first one wins ties). When it finds none (where the official nodes skip
+   the photo), the same retries as in step 1 run on the cut, and the photo's report line says which one found
+   the face; when none does, the photo has no usable face and its line says why.
 
 insightface and onnxruntime are imported when an analyzer is built, never at package import.
 """
@@ -18,38 +29,47 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FaceModelError, FaceModelMissing, FaceNotFoundError
+from .errors import FaceModelError, FaceNotFoundError
+from .face_models import (  # noqa: F401 - re-exported: the folder helpers used to live here
+    ANTELOPE_FILES,
+    NEEDED,
+    PROVIDER_CHOICES,
+    _check_files,
+    _load_face_analysis,
+    resolve_antelopev2,
+    resolve_providers,
+)
 
 log = logging.getLogger(__name__)
 
-ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
-NEEDED = {"detection": "scrfd_10g_bnkps.onnx", "landmark_2d_106": "2d106det.onnx", "recognition": "glintr100.onnx"}
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 PAD_FRACTION = 0.25  # retry: the image is shrunk to the middle half of the detector input, black around it
 MIN_DET_SIZE = 256
-_MIN_ONNX_BYTES = 1024
 
 
 @dataclass(frozen=True)
 class Face:
     """One detected face, in original image pixels."""
 
-    bbox: np.ndarray  # float32 [4]: x1, y1, x2, y2
-    kps: np.ndarray  # float32 [5, 2]: eyes, nose tip, mouth corners (x, y)
+    bbox: np.ndarray  # float32 [4]: x1, y1, x2, y2 (the first detection)
+    kps: np.ndarray  # float32 [5, 2]: eyes, nose tip, mouth corners (x, y) (the first detection)
     landmark_106: np.ndarray  # float32 [106, 2]: insightface 2d106det points (x, y)
-    embedding: np.ndarray  # float32 [512]: glintr100 ArcFace embedding, L2-normalised
+    embedding: np.ndarray | None  # float32 [512]: normed glintr100 embedding of the re-detected face; None: not asked
     det_score: float  # detector confidence in [0, 1]
+    arcface_kps: np.ndarray | None = None  # float32 [5, 2]: keypoints of the re-detected face, image pixels
 
     def __post_init__(self) -> None:
-        for name, shape in (("bbox", (4,)), ("kps", (5, 2)), ("landmark_106", (106, 2))):
+        for name, shape in (("bbox", (4,)), ("kps", (5, 2)), ("landmark_106", (106, 2)), ("arcface_kps", (5, 2))):
+            if getattr(self, name) is None and name == "arcface_kps":
+                continue
             value = np.asarray(getattr(self, name), dtype=np.float32)
             if value.shape != shape:
                 raise ValueError(f"Face.{name} must have shape {shape}, got {value.shape}")
             object.__setattr__(self, name, value)
-        emb = np.asarray(self.embedding, dtype=np.float32)
-        if emb.ndim != 1 or not np.isfinite(emb).all():
-            raise ValueError(f"Face.embedding must be a finite 1-D vector, got shape {emb.shape}")
-        object.__setattr__(self, "embedding", emb)
+        if self.embedding is not None:
+            emb = np.asarray(self.embedding, dtype=np.float32)
+            if emb.ndim != 1 or not np.isfinite(emb).all():
+                raise ValueError(f"Face.embedding must be a finite 1-D vector, got shape {emb.shape}")
+            object.__setattr__(self, "embedding", emb)
 
     @property
     def area(self) -> float:
@@ -67,6 +87,9 @@ class FaceResult:
     det_size: int | None = None  # detector input size of the pass that found the faces
     padded: bool = False  # True when the faces were found only after shrinking the image into a border
     attempts: tuple[tuple[int, bool], ...] = field(default=())  # (det_size, padded) of every detection pass run
+    first: bool = True  # the chosen face is the detector's first (the one the authors' pipeline uses)
+    arcface_faces: int = 0  # faces the ArcFace re-detection found in the 2·l square (0: not run or none)
+    arcface_attempt: tuple[int, bool] | None = None  # (det_size, padded) of the re-detection pass that found it
 
     def __post_init__(self) -> None:
         if (self.face is None) == (self.reason == "ok"):
@@ -76,85 +99,35 @@ class FaceResult:
     def ok(self) -> bool:
         return self.face is not None
 
-    def raise_for_failure(self) -> None:
-        """Raise FaceNotFoundError naming the image index when no face was chosen."""
+    @property
+    def det_size_asked(self) -> int | None:
+        """The analyzer's own detector size (the first pass)."""
+        return self.attempts[0][0] if self.attempts else None
+
+    def summary(self) -> str:
+        """One line for the photo's report: the reason, or what was found and where we left the authors' path."""
+        if not self.ok:
+            return self.reason
+        notes = [f"{self.n_faces} face(s) at detector size {self.det_size}{' (padded retry)' if self.padded else ''}"]
+        if not self.first:
+            notes.append("not the detector's first face, which the official nodes would use")
+        if self.arcface_attempt is not None and self.arcface_attempt != (self.det_size_asked, False):
+            size, padded = self.arcface_attempt
+            notes.append(f"the ArcFace face was found only when the detector ran again at {size}"
+                         f"{' padded' if padded else ''} (the official nodes find none and skip this photo)")
+        if self.arcface_faces > 1:
+            notes.append(f"{self.arcface_faces} faces in the ArcFace square: the one overlapping this face is used")
+        return "ok: " + "; ".join(notes)
+
+    def raise_for_failure(self, hint: str = "") -> None:
+        """Raise FaceNotFoundError naming the photo as a user counts it (from 1) when no face was chosen;
+        ``hint`` (the caller's advice for its own mode) is appended."""
         if self.face is None:
-            raise FaceNotFoundError(f"image {self.index}: {self.reason}")
-
-
-def resolve_antelopev2(root: str | Path) -> Path:
-    """The folder holding the antelopev2 .onnx files: ``root`` itself (or the folder of a file given as root),
-    ``root/antelopev2`` (also nested twice, as unzipping into a same-named folder leaves it), or
-    ``root/models/antelopev2``.
-
-    Raises FaceModelMissing listing the five files and where they go when the needed ones are absent.
-    """
-    root = Path(root).expanduser()
-    if root.suffix == ".onnx" and root.is_file():  # pointed at one of the files: use its folder
-        root = root.parent
-    candidates = [root]
-    for sub in ("antelopev2", "antelopev2/antelopev2", "models/antelopev2", "models/antelopev2/antelopev2"):
-        candidates.append(root / sub)
-    for folder in candidates:
-        if all((folder / name).is_file() for name in NEEDED.values()):
-            if folder != root:
-                log.info("antelopev2 models found in %s", folder)
-            return folder
-    near = next((f for f in candidates if f.is_dir() and any(f.glob("*.onnx"))), None)
-    raise FaceModelMissing(_missing_message(root, near))
-
-
-def _missing_message(root: Path, near: Path | None) -> str:
-    listing = ", ".join(ANTELOPE_FILES)
-    if near is None:
-        where = f"'{root}' does not exist" if not root.exists() else f"'{root}' holds no antelopev2 .onnx files"
-        return (f"insightface antelopev2 models not found: {where}. Download antelopev2 ({listing}) and put the "
-                f"five files directly in '{root}' (in ComfyUI: models/insightface/models/antelopev2/). "
-                "Nothing is downloaded automatically.")
-    missing = [n for n in ANTELOPE_FILES if not (near / n).is_file()]
-    extra = ""
-    if NEEDED["detection"] in missing:
-        extra = (" Without the detector, insightface itself would only stop with a bare AssertionError "
-                 "(assert 'detection' in self.models).")
-    return (f"antelopev2 folder '{near}' lacks {', '.join(missing)}.{extra} The folder must hold all five files: "
-            f"{listing}. Download the missing ones into '{near}'. Nothing is downloaded automatically.")
-
-
-def resolve_providers(providers: str | Sequence[str]) -> list[str]:
-    """onnxruntime provider list for "auto" (CUDA when onnxruntime offers it, else CPU), "cpu" or "cuda"."""
-    import onnxruntime
-
-    if not isinstance(providers, str):
-        return list(providers)
-    choice = providers.lower()
-    if choice not in PROVIDER_CHOICES:
-        raise ValueError(f"providers must be one of {PROVIDER_CHOICES} (or a list of onnxruntime providers), "
-                         f"got {providers!r}")
-    available = onnxruntime.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if choice == "cuda" and not has_cuda:
-        log.warning("face analysis: CUDA was asked for but this onnxruntime (%s) offers only %s; running on the CPU. "
-                    "Install onnxruntime-gpu for CUDA.", onnxruntime.__version__, ", ".join(available))
-    if choice in ("auto", "cuda") and has_cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def _check_files(folder: Path) -> None:
-    for name in NEEDED.values():
-        path = folder / name
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-        size = path.stat().st_size
-        if head.startswith(b"version https://git-lfs"):
-            raise FaceModelError(f"'{path}' is a git-LFS pointer ({size} bytes of text), not the model: "
-                                 f"download the real {name} and replace it")
-        if size < _MIN_ONNX_BYTES:
-            raise FaceModelError(f"'{path}' is only {size} bytes: an interrupted download. Download {name} again")
+            raise FaceNotFoundError(f"photo {self.index + 1}: {self.reason}{hint}")
 
 
 def retry_sizes(det_size: int) -> tuple[int, ...]:
-    """Smaller detector sizes tried (unpadded) after the padded retry: det_size - 128 k, down to 256."""
+    """Smaller detector sizes tried (unpadded) after det_size, as the authors do: det_size - 128 k, down to 256."""
     return tuple(range(det_size - 128, MIN_DET_SIZE - 1, -128))
 
 
@@ -183,13 +156,15 @@ class FaceAnalyzer:
         self.provider = str(self._detector.session.get_providers()[0])
         log.info("face analysis: %s on %s", self.folder, self.provider)
 
-    def analyze(self, image_rgb8: np.ndarray, *, index: int = 0, face_index: int | None = None) -> FaceResult:
+    def analyze(self, image_rgb8: np.ndarray, *, index: int = 0, face_index: int | None = None,
+                embed: bool = True) -> FaceResult:
         """Find the faces of one HxWx3 uint8 RGB image and describe the chosen one.
 
         ``face_index`` None picks the largest face; k picks the k-th face counted from the left (0 = leftmost).
+        ``embed`` False skips the ArcFace step (checkpoints that read CLIP only).
         """
         if image_rgb8.dtype != np.uint8 or image_rgb8.ndim != 3 or image_rgb8.shape[2] != 3:
-            raise ValueError(f"image {index}: analyze() needs HxWx3 uint8 RGB (use images.to_rgb8), "
+            raise ValueError(f"photo {index + 1}: analyze() needs HxWx3 uint8 RGB (use images.to_rgb8), "
                              f"got {image_rgb8.dtype} {image_rgb8.shape}")
         if face_index is not None and face_index < 0:
             raise ValueError(f"face_index must be >= 0 (0 is the leftmost face) or None, got {face_index}")
@@ -198,25 +173,44 @@ class FaceAnalyzer:
         bgr = cv2.cvtColor(image_rgb8, cv2.COLOR_RGB2BGR)  # insightface's detector and landmark model read BGR
         boxes, kpss, attempts = self._detect(bgr)
         size, padded = attempts[-1]
+        found = {"n_faces": len(boxes), "det_size": size, "padded": padded, "attempts": attempts}
         if len(boxes) == 0:
             return FaceResult(index=index, face=None, n_faces=0, reason=self._no_face_reason(bgr, attempts),
                               attempts=attempts)
         chosen = _choose(boxes, face_index)
         if chosen is None:
             reason = (f"face_index {face_index} asked for, but only {len(boxes)} face(s) were found (0 is the "
-                      f"leftmost, {len(boxes) - 1} the rightmost); lower face_index, or leave it empty for the "
+                      f"leftmost, {len(boxes) - 1} the rightmost); lower face_index, or set it to -1 for the "
                       "largest face")
-            return FaceResult(index=index, face=None, n_faces=len(boxes), reason=reason, det_size=size,
-                              padded=padded, attempts=attempts)
-        face = self._describe(image_rgb8, bgr, boxes[chosen], kpss[chosen])
-        return FaceResult(index=index, face=face, n_faces=len(boxes), reason="ok", det_size=size, padded=padded,
-                          attempts=attempts)
+            return FaceResult(index=index, face=None, reason=reason, **found)
+        box, kps = boxes[chosen], kpss[chosen]
+        from insightface.app.common import Face as InsightFace
+
+        ins = InsightFace(bbox=box[:4].astype(np.float32), kps=kps.astype(np.float32), det_score=float(box[4]))
+        landmarks = np.asarray(self._landmark.get(bgr, ins), dtype=np.float32)
+        face = Face(bbox=box[:4], kps=kps, landmark_106=landmarks, embedding=None, det_score=float(box[4]))
+        found["first"] = chosen == 0
+        if not embed:
+            return FaceResult(index=index, face=face, reason="ok", **found)
+        embedded = self._embed_again(image_rgb8, face)
+        if embedded is None:
+            return FaceResult(index=index, face=None, reason=self._no_arcface_reason(image_rgb8, face), **found)
+        (embedding, arcface_kps), found["arcface_faces"], found["arcface_attempt"] = embedded
+        face = Face(bbox=face.bbox, kps=face.kps, landmark_106=landmarks, embedding=embedding,
+                    det_score=face.det_score, arcface_kps=arcface_kps)
+        return FaceResult(index=index, face=face, reason="ok", **found)
+
+    def _plan(self) -> list[tuple[int, bool]]:
+        """(size, padded) of each detection pass, in order: the authors' sizes, then the padded retry."""
+        return [(self.det_size, False)] + [(s, False) for s in self.sizes] + [(self.det_size, True)]
 
     def _detect(self, bgr: np.ndarray):
-        """Detection passes until one finds a face: (boxes [n,5], kps [n,5,2], attempts)."""
-        plan = [(self.det_size, False), (self.det_size, True)] + [(s, False) for s in self.sizes]
+        """Detection passes until one finds a face: (boxes [n,5], kps [n,5,2], attempts).
+
+        The authors' sizes first (det_size, then smaller), the padded retry only after all of them found nothing.
+        """
         attempts = []
-        for size, padded in plan:
+        for size, padded in self._plan():
             attempts.append((size, padded))
             if padded:
                 boxes, kpss = self._detect_padded(bgr, size)
@@ -253,33 +247,45 @@ class FaceAnalyzer:
         kpss = (kpss - np.array([x0, y0], np.float32)) / np.array([sx, sy], np.float32)
         return boxes, kpss
 
-    def _describe(self, rgb: np.ndarray, bgr: np.ndarray, box: np.ndarray, kps: np.ndarray) -> Face:
-        """106 landmarks and the normalised ArcFace embedding of one detected face.
+    def _embed_again(self, rgb: np.ndarray, face: Face):
+        """((embedding, keypoints in image pixels), faces found, (size, padded)) from the re-detection in the 2·l
+        square, or None when no pass finds a face there.
 
-        The recognition input is ``crops.arcface_crop`` (the same similarity alignment and warp as insightface's
-        norm_crop, without its deprecated scikit-image call), fed through the model's own ``get_feat``.
+        The recognition input is ``crops.arcface_crop`` of the cut (the same similarity alignment and warp as
+        insightface's norm_crop, without its deprecated scikit-image call), fed through the model's ``get_feat``.
         """
-        from insightface.app.common import Face as InsightFace
+        from .crops import arcface_crop, arcface_region
 
-        from .crops import arcface_crop
-
-        ins = InsightFace(bbox=box[:4].astype(np.float32), kps=kps.astype(np.float32), det_score=float(box[4]))
-        landmarks = self._landmark.get(bgr, ins)
-        aligned_bgr = np.ascontiguousarray(arcface_crop(rgb, kps)[:, :, ::-1])
+        region, (ox, oy) = arcface_region(rgb, face.landmark_106)
+        boxes, kpss, attempts = self._detect(np.ascontiguousarray(region[:, :, ::-1]))
+        if len(boxes) == 0:
+            return None
+        pick = _overlapping(boxes, face.bbox - np.array([ox, oy, ox, oy], np.float32))
+        aligned_bgr = np.ascontiguousarray(arcface_crop(region, kpss[pick])[:, :, ::-1])
         embedding = np.asarray(self._recognition.get_feat(aligned_bgr), dtype=np.float32).reshape(-1)
         norm = float(np.linalg.norm(embedding))
         if not np.isfinite(norm) or norm == 0.0:
             raise FaceModelError(f"the recognition model '{self.folder / NEEDED['recognition']}' returned an empty "
                                  "embedding; download glintr100.onnx again")
-        return Face(bbox=box[:4], kps=kps, landmark_106=landmarks, embedding=embedding / norm,
-                    det_score=float(box[4]))
+        return (embedding / norm, kpss[pick] + np.array([ox, oy], np.float32)), len(boxes), attempts[-1]
+
+    def _no_arcface_reason(self, rgb: np.ndarray, face: Face) -> str:
+        from .crops import arcface_box
+
+        x1, y1, x2, y2 = arcface_box(face.landmark_106)
+        h, w = rgb.shape[:2]
+        tried = ", ".join(f"{s}{' padded' if p else ''}" for s, p in self._plan())
+        return (f"a face was found in this {w}x{h} photo, but the ArcFace step found none when it ran the detector "
+                f"again on the square ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}) around it, as the official pipeline "
+                f"does (sizes tried: {tried}), so there is no identity embedding. Use a photo where the face is "
+                "larger, sharper and frontal.")
 
     def _no_face_reason(self, bgr: np.ndarray, attempts) -> str:
         tried = ", ".join(f"{s}{' padded' if p else ''}" for s, p in attempts)
         h, w = bgr.shape[:2]
         hint = "the photo is very dark; " if float(bgr.mean()) < 20.0 else ""
         return (f"no face found in this {w}x{h} photo ({hint}detector sizes tried: {tried}). Use a photo where the "
-                "face is clearly visible, frontal and lit, or leave this image out (skip failed images).")
+                "face is clearly visible, frontal and lit.")
 
 
 def _choose(boxes: np.ndarray, face_index: int | None) -> int | None:
@@ -291,37 +297,15 @@ def _choose(boxes: np.ndarray, face_index: int | None) -> int | None:
     return int(order[face_index]) if face_index < len(order) else None
 
 
-def _load_face_analysis(folder: Path, providers: list[str]):
-    """insightface FaceAnalysis on exactly this folder, with its failure modes explained."""
-    from insightface.app import FaceAnalysis
-
-    # An absolute folder as the model name works in 0.7.3 (os.path.join drops the root) and 2.1 (direct folder).
-    try:
-        app = FaceAnalysis(name=str(folder.resolve()), root=str(folder.parent),
-                           allowed_modules=list(NEEDED), providers=providers)
-    except AssertionError as exc:
-        raise FaceModelError(
-            f"insightface found no face detector in '{folder}' (its bare AssertionError). "
-            f"'{NEEDED['detection']}' is there but is not a detection model: it may be a different model saved "
-            "under that name, or damaged. Download antelopev2's scrfd_10g_bnkps.onnx again.") from exc
-    except OSError as exc:  # includes requests' ConnectionError: a download attempt
-        raise FaceModelMissing(
-            f"insightface could not use '{folder}' and tried to fetch models instead ({exc}). Put the five "
-            f"antelopev2 files ({', '.join(ANTELOPE_FILES)}) in that folder; nothing is downloaded.") from exc
-    except _onnxruntime_errors() as exc:  # InvalidProtobuf, Fail, ...: a damaged file
-        raise FaceModelError(f"onnxruntime could not load a model in '{folder}': {exc}. One of the .onnx "
-                             "files is damaged or incomplete; download antelopev2 again.") from exc
-    for task, name in NEEDED.items():
-        if task not in app.models:
-            raise FaceModelError(f"'{folder / name}' was not recognised as the {task} model by insightface; it is "
-                                 f"probably a different model saved under that name. Download {name} again.")
-    return app
-
-
-def _onnxruntime_errors() -> tuple[type[BaseException], ...]:
-    """onnxruntime's own exception classes (they derive from Exception only)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
-             "RuntimeException", "NotImplemented")
-    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+def _overlapping(boxes: np.ndarray, target: np.ndarray) -> int:
+    """Row of the box that overlaps ``target`` (x1, y1, x2, y2) most; the first (the detector's best) wins ties."""
+    if len(boxes) == 1:
+        return 0
+    x1 = np.maximum(boxes[:, 0], target[0])
+    y1 = np.maximum(boxes[:, 1], target[1])
+    x2 = np.minimum(boxes[:, 2], target[2])
+    y2 = np.minimum(boxes[:, 3], target[3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = areas + (target[2] - target[0]) * (target[3] - target[1]) - inter
+    return int(np.argmax(inter / np.maximum(union, 1e-6)))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import (
     CheckpointFileMissing,
@@ -23,6 +26,7 @@ from .errors import (
     NotSafetensorsError,
     TruncatedFileError,
 )
+from .readahead import Span, merge
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors specification's own limit
 _SAMPLE_BLOCKS = 8  # blocks of file content hashed into a fingerprint
@@ -166,6 +170,12 @@ class SafetensorsFile:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         return self._handle.get_tensor(key)
 
+    def spans(self, keys: Iterable[str] | None = None) -> list[Span]:
+        """Where the data of ``keys`` (default: every tensor) lies in the file: merged absolute byte ranges."""
+        infos = self.tensors.values() if keys is None else [self.tensors[k] for k in keys]
+        start = self.data_start
+        return [(self.path, start + a, start + b) for a, b in merge((i.start, i.end) for i in infos)]
+
     def update_fingerprint(self, hasher: Any) -> None:
         """Hash the header and evenly spaced blocks of data: cheap, yet any re-trained or re-saved file differs."""
         hasher.update(self.size.to_bytes(8, "little"))
@@ -181,3 +191,22 @@ class SafetensorsFile:
 
     def dtypes(self) -> set[str]:
         return {t.dtype for t in self.tensors.values()}
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                ) -> Path:
+    """Write a safetensors file under a temporary name in the target folder, then rename it into place.
+
+    A save that fails (full disk, interrupt, bad tensor) leaves no partial file under ``path``, and a reader never
+    sees a half-written one: the rename is atomic on one file system.
+    """
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -13,3 +13,21 @@ def conditions(batch: int, seed: int = 0, clip_dim: int = 1024, embed_dim: int =
     clip = torch.randn(batch, 257, clip_dim, generator=g)
     arc = torch.nn.functional.normalize(torch.randn(batch, embed_dim, generator=g), dim=-1)
     return clip, arc
+
+
+def pack_module(name: str):
+    """``nodes.<name>`` of this repository imported as a package (its nodes use relative imports), once per run."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    package = "hyperlora_pack_under_test"
+    if package not in sys.modules:
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(package, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")

@@ -82,27 +82,64 @@ def centre_x(result: FaceResult) -> float:
 
 
 def test_one_detection_pass_in_the_normal_case(analyzer, detector_inputs):
-    result = analyzer.analyze(three_faces(), index=2)
-    assert result.ok and result.reason == "ok" and result.index == 2
+    result = analyzer.analyze(three_faces(), index=2, embed=False)
+    assert result.ok and result.reason == "ok" and result.index == 2 and result.face.embedding is None
     assert result.attempts == ((640, False),) and result.det_size == 640 and not result.padded
     assert detector_inputs == [(640, 640)]
+
+
+def test_arcface_runs_the_detector_again_on_the_doubled_square(analyzer, detector_inputs):
+    """The authors' second detection: on the 2·l square of the original photo, not on the whole image."""
+    from hyperlora_core.crops import arcface_box
+
+    result = analyzer.analyze(three_faces())
+    assert result.ok and result.face.embedding.shape == (512,)
+    x1, y1, x2, y2 = arcface_box(result.face.landmark_106)
+    assert len(detector_inputs) > 1 and detector_inputs[0] == (640, 640)
+    # the second pass saw the square (its side sets the scale), and its face is the chosen one, in image pixels
+    assert x2 - x1 < 640 * 0.7 and result.arcface_faces == 1
+    assert np.abs(result.face.arcface_kps.mean(0) - result.face.kps.mean(0)).max() < 16
+    # the doubles miss the face at 640 and 512 in that square: the retry found it, and the line says so
+    assert result.arcface_attempt == (384, False)
+    assert "found only when the detector ran again at 384" in result.summary()
+
+
+def test_arcface_step_that_finds_nothing_fails_the_photo(analyzer, monkeypatch):
+    """A face the first detection found but no pass finds again in its square: no embedding, a clear reason."""
+    calls = []
+    detect = analyzer._detector.detect
+
+    def second_pass_blind(img, *args, **kwargs):
+        calls.append(img.shape)
+        return detect(img, *args, **kwargs) if len(calls) == 1 else (np.zeros((0, 5)), np.zeros((0, 5, 2)))
+
+    monkeypatch.setattr(analyzer._detector, "detect", second_pass_blind)
+    result = analyzer.analyze(three_faces(), index=4)
+    assert not result.ok and result.n_faces == 3
+    assert "the ArcFace step found none" in result.reason
+    assert "on_failure" not in result.reason  # advice for the mode that is set comes from the pipeline (issue 16)
+    with pytest.raises(FaceNotFoundError, match="photo 5: a face was found"):
+        result.raise_for_failure()
 
 
 def test_smaller_sizes_really_run(analyzer, detector_inputs):
     """A face too big for 640 and for the padded retry, but right for 384: the sizes must truly change."""
     img = np.zeros((1000, 1000, 3), np.uint8)
     paint_face(img, centred_box(500, 500, 420))
-    result = analyzer.analyze(img)
+    result = analyzer.analyze(img, embed=False)
     assert result.ok, result.reason
-    assert result.attempts == ((640, False), (640, True), (512, False), (384, False))
-    assert detector_inputs == [(640, 640), (640, 640), (512, 512), (384, 384)]
+    assert result.attempts == ((640, False), (512, False), (384, False))  # the authors' order, no padding yet
+    assert detector_inputs == [(640, 640), (512, 512), (384, 384)]
     assert result.det_size == 384 and not result.padded
     np.testing.assert_allclose(result.face.bbox, centred_box(500, 500, 160 / 0.384), atol=32 / 0.384)
 
 
-def test_padding_finds_a_face_that_fills_the_frame(analyzer, detector_inputs):
+def test_padding_finds_a_face_that_fills_the_frame(antelope, detector_inputs):
+    """The padded retry comes last; with no smaller sizes left to try, it finds a face too big for 640."""
+    analyzer = FaceAnalyzer(antelope, providers="cpu")
+    analyzer.sizes = ()  # the doubles find this face at 384 otherwise
     img = paint_face(np.zeros((600, 600, 3), np.uint8), (0, 0, 600, 600))
-    result = analyzer.analyze(img)
+    result = analyzer.analyze(img, embed=False)
     assert result.ok, result.reason
     assert result.padded and result.attempts == ((640, False), (640, True))
     assert detector_inputs == [(640, 640), (640, 640)]
@@ -120,7 +157,7 @@ def test_largest_face_by_default_and_face_index_left_to_right(analyzer, face_ind
 def test_face_index_beyond_the_faces_found(analyzer):
     result = analyzer.analyze(three_faces(), index=1, face_index=3)
     assert not result.ok and result.n_faces == 3 and "only 3 face(s)" in result.reason
-    with pytest.raises(FaceNotFoundError, match="image 1: face_index 3"):
+    with pytest.raises(FaceNotFoundError, match="photo 2: face_index 3"):
         result.raise_for_failure()
 
 
@@ -129,8 +166,9 @@ def test_dark_image_gives_the_no_face_error_with_its_index(analyzer, detector_in
     result = analyzer.analyze(dark, index=5)
     assert not result.ok and result.n_faces == 0 and result.face is None
     assert "dark" in result.reason
-    assert len(detector_inputs) == len(result.attempts) == 5  # 640, 640 padded, 512, 384, 256
-    with pytest.raises(FaceNotFoundError, match=r"^image 5: no face found"):
+    assert len(detector_inputs) == len(result.attempts) == 5  # 640, 512, 384, 256, then 640 padded
+    assert result.attempts[-1] == (640, True)
+    with pytest.raises(FaceNotFoundError, match=r"^photo 6: no face found"):
         result.raise_for_failure()
 
 
@@ -174,7 +212,7 @@ def test_6000x4000_photo(analyzer, detector_inputs):
     paint_face(img, centred_box(3000, 2100, 1500))
     result = analyzer.analyze(img)
     assert result.ok, result.reason
-    assert detector_inputs == [(640, 640)]
+    assert result.attempts == ((640, False),) and detector_inputs[0] == (640, 640)
     np.testing.assert_allclose(result.face.bbox, centred_box(3000, 2100, 1500), atol=32 / 0.1065)
     assert result.face.landmark_106.shape == (106, 2) and result.face.embedding.shape == (512,)
 
@@ -201,7 +239,7 @@ def test_embedding_is_normalised_deterministic_and_depends_on_the_face(analyzer)
 
 
 def test_rejects_non_rgb8(analyzer):
-    with pytest.raises(ValueError, match="image 3: analyze\\(\\) needs HxWx3 uint8"):
+    with pytest.raises(ValueError, match="photo 4: analyze\\(\\) needs HxWx3 uint8"):
         analyzer.analyze(np.zeros((64, 64), np.uint8), index=3)
 
 
@@ -328,12 +366,12 @@ def test_to_rgb8_conversions():
 
 
 @pytest.mark.parametrize(("image", "match"), [
-    (np.zeros((4, 4, 3), np.float32) + 255.0, "image 7: float values .* must be in \\[0, 1\\]"),
-    (np.full((4, 4), np.nan, np.float32), "image 7: contains NaN"),
-    (np.zeros((3, 32, 32), np.uint8), "image 7: shape .*channels first"),
-    (np.zeros((0, 4, 3), np.uint8), "image 7: the image is empty"),
-    (np.array([[70000]], np.int32), "image 7: integer values"),
-    ("photo.png", "image 7: expected an image"),
+    (np.zeros((4, 4, 3), np.float32) + 255.0, "photo 8: float values .* must be in \\[0, 1\\]"),
+    (np.full((4, 4), np.nan, np.float32), "photo 8: contains NaN"),
+    (np.zeros((3, 32, 32), np.uint8), "photo 8: shape .*channels first"),
+    (np.zeros((0, 4, 3), np.uint8), "photo 8: the image is empty"),
+    (np.array([[70000]], np.int32), "photo 8: integer values"),
+    ("photo.png", "photo 8: expected an image"),
 ])
 def test_to_rgb8_errors_name_the_image(image, match):
     from hyperlora_core.errors import ImageFormatError
@@ -360,7 +398,7 @@ def test_load_image_16bit_grey_exif_and_errors(tmp_path):
     assert shown.shape == (20, 40, 3) and shown[:, -5:].min() == 255  # the bright rows are now on the right
     Image.fromarray(np.zeros((3, 3, 4), np.uint8)).save(tmp_path / "clear.png")
     assert load_image(tmp_path / "clear.png")[0, 0].tolist() == [127] * 3
-    with pytest.raises(ImageFileMissing, match="image 2: .*nope.png' does not exist"):
+    with pytest.raises(ImageFileMissing, match="photo 3: .*nope.png' does not exist"):
         load_image(tmp_path / "nope.png", index=2)
     (tmp_path / "bad.png").write_text("<html>not an image</html>")
     with pytest.raises(ImageFormatError, match="could not be read"):
@@ -371,9 +409,12 @@ def test_embedding_equals_insightface_own_recognition_path(analyzer):
     """Our alignment + get_feat gives what insightface's ArcFaceONNX.get gives on the same face."""
     from insightface.app.common import Face as InsightFace
 
+    from hyperlora_core.crops import arcface_region
+
     img = three_faces()
     face = analyzer.analyze(img).face
-    ins = InsightFace(bbox=face.bbox, kps=face.kps, det_score=face.det_score)
-    reference = analyzer._recognition.get(np.ascontiguousarray(img[:, :, ::-1]), ins)
+    region, offset = arcface_region(img, face.landmark_106)
+    ins = InsightFace(bbox=face.bbox, kps=face.arcface_kps - np.array(offset, np.float32), det_score=face.det_score)
+    reference = analyzer._recognition.get(np.ascontiguousarray(region[:, :, ::-1]), ins)
     reference = reference / np.linalg.norm(reference)
     assert float(face.embedding @ reference) > 0.9999

@@ -11,7 +11,8 @@ from graphs import Graph, conditioning, decode_and_save, sample, saved_image, ti
 # issue 4's contract: node id -> input names (public API)
 CONTRACT = {
     "LoadHyperLoRA": ["checkpoint", "face_analyzer", "provider", "dtype", "clip_vision"],
-    "HyperLoRAFromImage": ["hyper_lora", "image", "remove_background", "grayscale", "face_index", "on_failure"],
+    "HyperLoRAFromImage": ["hyper_lora", "image", "remove_background", "grayscale", "face_index", "on_failure",
+                           "crop", "crop_scale_LRTB", "safe_crop"],
     "ApplyHyperLoRA": ["model", "hyper_lora", "identity", "id_strength", "base_strength"],
     "ConceptSlider": ["hyper_lora", "mode", "strength", "start_image", "end_image", "start_identity",
                       "end_identity", "model"],

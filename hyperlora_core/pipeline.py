@@ -65,6 +65,7 @@ class IdentityPipeline:
     """Glue between the face analyzer, the CLIP encoder and a loaded HyperLoRA."""
 
     def __init__(self, hyperlora: HyperLoRA, faces: object, clip: object | None = None, *, cache_size: int = 64,
+                 on_start: Callable[[], None] | None = None, after_predict: Callable[[], None] | None = None,
                  ) -> None:
         if ("clip" in hyperlora.encoders or hyperlora.has_base) and clip is None:
             raise ValueError("this checkpoint reads CLIP tokens: give the pipeline a CLIP ViT-L/14 encoder")
@@ -74,6 +75,8 @@ class IdentityPipeline:
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._cache_size = cache_size
         self.analysed = 0  # face analyses actually run (not served from the cache)
+        self.on_start = on_start  # called as face analysis starts (a host reads ahead what will be needed)
+        self.after_predict = after_predict  # called when prediction is over, failed or not (a host releases)
 
     def analyze(self, image: np.ndarray, index: int, options: CropOptions):
         """Face analysis of one RGB uint8 image, cached by content and selection."""
@@ -141,12 +144,18 @@ class IdentityPipeline:
 
         before_predict: called between encoding and prediction (a host loads the networks to its device there).
         """
-        conditions = self.conditions(images, options, on_failure, progress)
-        if before_predict is not None:
-            before_predict()
-        identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
-                                                   id_embeds=conditions.id_embeds,
-                                                   base_clip_tokens=conditions.base_clip_tokens)
+        if self.on_start is not None:
+            self.on_start()
+        try:
+            conditions = self.conditions(images, options, on_failure, progress)
+            if before_predict is not None:
+                before_predict()
+            identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
+                                                       id_embeds=conditions.id_embeds,
+                                                       base_clip_tokens=conditions.base_clip_tokens)
+        finally:
+            if self.after_predict is not None:
+                self.after_predict()
         identity.meta.update({"images_used": ",".join(map(str, conditions.used)),
                               "images_skipped": ",".join(map(str, conditions.skipped))})
         return identity, conditions

@@ -35,6 +35,11 @@ class LoadHyperLoRA(io.ComfyNode):
                                     tooltip="Optional CLIP ViT-L/14 from Load CLIP Vision (clip-vit-large-patch14). "
                                             "Without it the CLIP folder beside the checkpoint or in "
                                             "models/hyper_lora/clip_vit is used."),
+                io.Boolean.Input("keep_networks", default=False, optional=True,
+                                 tooltip="CPU only: keep CLIP and the networks (about 1.5 GB) in memory after an "
+                                         "identity is made, so new photos start faster. Off: they are freed and "
+                                         "load again for the next photos. With a GPU they are always offloaded "
+                                         "by ComfyUI instead."),
             ],
             outputs=[HyperLoRAType.Output(display_name="hyper_lora", tooltip="The loaded HyperLoRA.")],
         )
@@ -47,7 +52,9 @@ class LoadHyperLoRA(io.ComfyNode):
         return " ".join(problems) or True
 
     @classmethod
-    def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None) -> io.NodeOutput:
+    def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None,
+                keep_networks=False) -> io.NodeOutput:
         handle = HyperLoRAHandle(folders.checkpoint_path(checkpoint), folders.face_analyzer_path(face_analyzer),
-                                 provider=provider, dtype=dtype, clip_vision=clip_vision)
+                                 provider=provider, dtype=dtype, clip_vision=clip_vision,
+                                 keep_networks=keep_networks)
         return io.NodeOutput(handle)

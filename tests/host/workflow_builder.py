@@ -70,8 +70,8 @@ SPECS = {
                                     "strength set_cond_area", "CONDITIONING:CONDITIONING"),
     "ConditioningCombine": _s("Conditioning (Combine)", "conditioning_1:CONDITIONING conditioning_2:CONDITIONING", "",
                               "CONDITIONING:CONDITIONING"),
-    "LoadHyperLoRA": _s("HyperLoRA", "clip_vision?:CLIP_VISION", "checkpoint face_analyzer provider dtype",
-                        "hyper_lora:HYPER_LORA"),
+    "LoadHyperLoRA": _s("HyperLoRA", "clip_vision?:CLIP_VISION",
+                        "checkpoint face_analyzer provider dtype keep_networks", "hyper_lora:HYPER_LORA"),
     "HyperLoRAFromImage": _s("HyperLoRA Face", "hyper_lora:HYPER_LORA image:IMAGE",
                              "remove_background grayscale face_index on_failure crop crop_scale_LRTB safe_crop",
                              "identity:HYPER_LORA_IDENTITY face_crops:IMAGE"),
@@ -249,7 +249,7 @@ def identity_chain(w: Workflow, x: float, y: float, image: str = "face.jpg", *, 
     """[LoadHyperLoRA] + LoadImage + HyperLoRAFromImage + PreviewImage of the face crops."""
     if hyper is None:
         hyper = w.add("LoadHyperLoRA", (x, y), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto",
-                      dtype="auto")
+                      dtype="auto", keep_networks=False)
         y += 210
     photo = w.add("LoadImage", (x, y), title=title, image=image, upload="image")
     ident = from_image(w, hyper, photo.out("IMAGE"), (x + 360, y), preview=(x, y + 390))
@@ -334,7 +334,8 @@ def several_photos() -> Workflow:
                      "Upscale Image makes them one size (centre crop) so they can be batched; keep the face "
                      "inside the centre square. Add photos with more Load Image + Upscale Image + Batch Images.",
                      SDXL), (0, -340))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto")
+    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
+                  keep_networks=False)
     scaled = []
     for i in range(3):
         photo = w.add("LoadImage", (0, 210 + 400 * i), title=f"Photo {i + 1}", image=f"face_{i + 1}.jpg",
@@ -388,7 +389,8 @@ def concept_slider() -> Workflow:
     w.note(note_text("A slider between two photos (e.g. the same person neutral / smiling, young / old). "
                      "strength +1 moves toward the end photo, -1 toward the start; try -2..2. weight mode: the "
                      "exact LoRA difference; coefficient mode: moves the identity itself.", SDXL), (0, -340))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto")
+    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
+                  keep_networks=False)
     start = w.add("LoadImage", (0, 210), title="Start photo", image="start.jpg", upload="image")
     end = w.add("LoadImage", (0, 600), title="End photo", image="end.jpg", upload="image")
     ckpt = checkpoint(w, (0, 990))
@@ -412,7 +414,8 @@ def two_people() -> Workflow:
                      "(SolidMask + MaskComposite build the left and right masks; change x / width to move the "
                      "split). The model itself is not patched.", SDXL,
                      "Both regional prompts need the trigger words."), (0, -360), size=(420, 320))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto")
+    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
+                  keep_networks=False)
     ckpt = checkpoint(w, (0, 990))
     clip = clip_skip(w, ckpt, (0, 1150))
     canvas = w.add("SolidMask", (1120, 700), title="Empty canvas", value=0.0, width=width, height=height)

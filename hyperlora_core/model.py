@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from .checkpoint import KINDS, Checkpoint, open_checkpoint
 from .errors import ConditionError
 from .identity import Identity
 from .lora_io import build_lora
+from .readahead import ReadAhead, Span
 from .resampler import IdProjector, Resampler
 from .topology import SDXL, UNetSpec
 
@@ -33,8 +36,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
+NETWORK_ROLES = ("id_projector", "resampler", "base_resampler")  # files that hold networks, in order of use
+
+
 class HyperLoRA:
-    """A checked checkpoint. Networks are built on first use; the bases stay memory-mapped until mixed."""
+    """A checked checkpoint. Networks are built on first use; the bases stay memory-mapped until mixed.
+
+    Opening reads headers only. ``prefetch`` asks the disk for the networks' and the basis' pages in the
+    background; ``release_networks`` drops the built networks once an identity exists (they rebuild on demand).
+    """
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
         self.checkpoint = checkpoint
@@ -45,6 +55,8 @@ class HyperLoRA:
         self._id_projector: IdProjector | None = None
         self._banks: dict[str, BasisBank] = {}
         self._flat: FlatRows | None = None
+        self._readahead: ReadAhead | None = None
+        self.builds: Counter[str] = Counter()  # role -> how many times its network was built from the file
 
     # -- facts -------------------------------------------------------------------------------------------
     @property
@@ -79,7 +91,16 @@ class HyperLoRA:
         with torch.device("meta"):
             module = cls(config)
         module.load_state_dict({key: file.tensor(key) for key in file.keys()}, strict=True, assign=True)
+        self.builds[role] += 1
+        log.debug("built the %s from %s", role, file.path)
         return module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+
+    @property
+    def built(self) -> tuple[str, ...]:
+        """The networks held now (built and not released)."""
+        held = {"resampler": self._resampler, "base_resampler": self._base_resampler,
+                "id_projector": self._id_projector}
+        return tuple(role for role in NETWORK_ROLES if held[role] is not None)
 
     def resampler(self, kind: str = "id") -> Resampler:
         if kind == "id":
@@ -111,9 +132,26 @@ class HyperLoRA:
             nets["base_resampler"] = self.resampler("base")
         return torch.nn.ModuleDict(nets)
 
+    def prefetch(self, networks: bool = True, first: Iterable[Span] = ()) -> ReadAhead:
+        """Start reading into the page cache, in the background and in this order: ``first`` (a host's CLIP
+        tower, say), the networks' files (``networks``), the basis. A read-ahead still running is returned
+        instead of a second one."""
+        if self._readahead is None or not self._readahead.running:
+            files = self.checkpoint.files
+            roles = [r for r in NETWORK_ROLES if networks and r in files] + ["basis"]
+            self._readahead = ReadAhead([*first, *(span for role in roles for span in files[role].spans())])
+        return self._readahead
+
+    def release_networks(self) -> None:
+        """Drop the built networks (the resampler and ID projector, ~330 MB in fp32 at the released size).
+        The bases stay mapped; the networks rebuild from the files when the next photos arrive."""
+        self._resampler = self._base_resampler = self._id_projector = None
+
     def bank(self, kind: str) -> BasisBank:
         """The bases of ``kind``; both kinds share one flat view of the file (moved once to the device)."""
         if kind not in self._banks:
+            if self._readahead is None:  # a first mixing with no photo before it (a saved identity)
+                self.prefetch(networks=False)
             if self._flat is None:
                 self._flat = FlatRows(self.checkpoint.files["basis"])
                 if self._flat.ok and self.device.type != "cpu":
@@ -124,7 +162,7 @@ class HyperLoRA:
 
     def unload(self) -> None:
         """Drop built networks and device copies; the files stay mapped and everything rebuilds on demand."""
-        self._resampler = self._base_resampler = self._id_projector = None
+        self.release_networks()
         self._banks.clear()
         self._flat = None
 

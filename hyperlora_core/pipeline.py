@@ -27,6 +27,8 @@ from .model import HyperLoRA
 log = logging.getLogger(__name__)
 
 ON_FAILURE = ("error", "skip")
+# error mode, several photos: how to go on with the others (the node's widget words; the CLI's --skip-failed)
+SKIP_HINT = " To use the other photos without it, set on_failure: skip (--skip-failed on the command line)."
 Progress = Callable[[int, int], None]
 
 
@@ -63,6 +65,7 @@ class IdentityPipeline:
     """Glue between the face analyzer, the CLIP encoder and a loaded HyperLoRA."""
 
     def __init__(self, hyperlora: HyperLoRA, faces: object, clip: object | None = None, *, cache_size: int = 64,
+                 on_start: Callable[[], None] | None = None, after_predict: Callable[[], None] | None = None,
                  ) -> None:
         if ("clip" in hyperlora.encoders or hyperlora.has_base) and clip is None:
             raise ValueError("this checkpoint reads CLIP tokens: give the pipeline a CLIP ViT-L/14 encoder")
@@ -72,6 +75,8 @@ class IdentityPipeline:
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._cache_size = cache_size
         self.analysed = 0  # face analyses actually run (not served from the cache)
+        self.on_start = on_start  # called as face analysis starts (a host reads ahead what will be needed)
+        self.after_predict = after_predict  # called when prediction is over, failed or not (a host releases)
 
     def analyze(self, image: np.ndarray, index: int, options: CropOptions):
         """Face analysis of one RGB uint8 image, cached by content and selection."""
@@ -101,10 +106,10 @@ class IdentityPipeline:
         for i, raw in enumerate(images):
             image = to_rgb8(raw, index=i)
             result = self.analyze(image, i, options)
-            reports.append(f"image {i}: {result.summary()}")
+            reports.append(f"photo {i + 1}: {result.summary()}")
             if not result.ok:
                 if on_failure == "error":
-                    result.raise_for_failure()
+                    result.raise_for_failure(SKIP_HINT if len(images) > 1 else "")
                 skipped[i] = result.reason
                 continue
             landmarks = result.face.landmark_106
@@ -118,9 +123,9 @@ class IdentityPipeline:
             if progress is not None:
                 progress(i + 1, len(images))
         if not used:
-            raise ConditionError(f"no face found in any of the {len(images)} images ("
-                                 + "; ".join(f"image {i}: {r}" for i, r in skipped.items())
-                                 + "). Use photos where one face is clearly visible.")
+            raise ConditionError(f"no usable face in any of the {len(images)} photo(s), so on_failure: skip left "
+                                 "none to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in skipped.items())
+                                 + "). Give at least one photo where one face is clearly visible.")
         clip_tokens = self._encode_clip(crops) if "clip" in self.hyperlora.encoders else None
         id_embeds = torch.stack(embeds) if "arcface" in self.hyperlora.encoders else None
         base_tokens = self._encode_clip(bases) if bases else None
@@ -139,12 +144,18 @@ class IdentityPipeline:
 
         before_predict: called between encoding and prediction (a host loads the networks to its device there).
         """
-        conditions = self.conditions(images, options, on_failure, progress)
-        if before_predict is not None:
-            before_predict()
-        identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
-                                                   id_embeds=conditions.id_embeds,
-                                                   base_clip_tokens=conditions.base_clip_tokens)
+        if self.on_start is not None:
+            self.on_start()
+        try:
+            conditions = self.conditions(images, options, on_failure, progress)
+            if before_predict is not None:
+                before_predict()
+            identity = self.hyperlora.predict_identity(clip_tokens=conditions.clip_tokens,
+                                                       id_embeds=conditions.id_embeds,
+                                                       base_clip_tokens=conditions.base_clip_tokens)
+        finally:
+            if self.after_predict is not None:
+                self.after_predict()
         identity.meta.update({"images_used": ",".join(map(str, conditions.used)),
                               "images_skipped": ",".join(map(str, conditions.skipped))})
         return identity, conditions

@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .errors import (
     NotSafetensorsError,
     TruncatedFileError,
 )
+from .readahead import Span, merge
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors specification's own limit
 _SAMPLE_BLOCKS = 8  # blocks of file content hashed into a fingerprint
@@ -167,6 +169,12 @@ class SafetensorsFile:
         if self._handle is None:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         return self._handle.get_tensor(key)
+
+    def spans(self, keys: Iterable[str] | None = None) -> list[Span]:
+        """Where the data of ``keys`` (default: every tensor) lies in the file: merged absolute byte ranges."""
+        infos = self.tensors.values() if keys is None else [self.tensors[k] for k in keys]
+        start = self.data_start
+        return [(self.path, start + a, start + b) for a, b in merge((i.start, i.end) for i in infos)]
 
     def update_fingerprint(self, hasher: Any) -> None:
         """Hash the header and evenly spaced blocks of data: cheap, yet any re-trained or re-saved file differs."""

@@ -11,9 +11,9 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..hyperlora_core.config import TRIGGER_WORDS
 from ..hyperlora_core.errors import InputValueError, ModuleMismatchError
 from ..hyperlora_core.lora_io import lora_prefixes
-from .handle import TRIGGER_WORDS
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def apply_identity(model, handle, identity, id_strength: float, base_strength: f
                         "the released checkpoints have none). Set base_strength to 0.", base_strength)
         else:
             log.warning("base_strength %.2f ignored: this identity has no Base tokens (it was saved or made without "
-                        "Base conditions). Make it again with HyperLoRA Identity from Image.", base_strength)
+                        "Base conditions). Make it again with HyperLoRA Face.", base_strength)
     return patched
 
 
@@ -107,7 +107,7 @@ class ApplyHyperLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL model."),
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
-                IdentityType.Input("identity", tooltip="From HyperLoRA Identity from Image or Load Identity."),
+                IdentityType.Input("identity", tooltip="From HyperLoRA Face (photos) or Load HyperLoRA Identity."),
                 io.Float.Input("id_strength", default=0.85, min=-2.0, max=2.0, step=0.01,
                                tooltip="LoRA weight of the identity; 0.75-0.85 is recommended."),
                 io.Float.Input("base_strength", default=0.0, min=-2.0, max=2.0, step=0.01,

@@ -1,8 +1,15 @@
 """The HYPER_LORA value: a checked checkpoint, its face analyzer and CLIP encoder, under ComfyUI's model management.
 
-The resampler and ID projector (~150 MB) live in a ModelPatcher: loaded to the compute device for a
-prediction and offloadable whenever sampling needs the memory. The 3 GB basis is never copied: it stays
-memory-mapped and is mixed on the CPU (a fraction of a second), so it takes no VRAM at all.
+Nothing heavy happens when the loader runs: it reads the checkpoint's headers. The rest follows the photos:
+
+- When face analysis starts, the CLIP tower's, the networks' and the basis' pages are read ahead in the
+  background, in the order they will be needed.
+- CLIP and the networks (resampler, ID projector) are built on first use, each in a ModelPatcher: loaded to the
+  compute device for a prediction and offloadable whenever sampling needs the memory.
+- Once the identity is predicted they go back through model management's offload path. On a CPU-only machine
+  offloading moves nothing, so they are freed there (about 1.5 GB in fp32) unless ``keep_networks``; the next
+  photos build them again.
+- The 3 GB basis is never copied: it stays memory-mapped and is mixed on the CPU, so it takes no VRAM at all.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -20,27 +28,53 @@ from ..hyperlora_core import load_hyperlora
 from ..hyperlora_core.errors import ClipConfigError
 from ..hyperlora_core.model import HyperLoRA
 from ..hyperlora_core.pipeline import IdentityPipeline
+from ..hyperlora_core.readahead import ReadAhead, Span
 
 log = logging.getLogger(__name__)
-TRIGGER_WORDS = "fcsks fxhks fhyks"
 
 
 VIT_NAMES = {768: "ViT-B", 1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}  # by hidden width
 
 
+def _patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def offload(patcher: comfy.model_patcher.ModelPatcher | None) -> None:
+    """Take ``patcher`` out of ComfyUI's loaded models, back on its offload device (what free_memory does)."""
+    for i, loaded in enumerate(mm.current_loaded_models):
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(i).model_unload()
+            return
+
+
 class ComfyClipVision:
-    """hyperlora_core's ClipEncoder on ComfyUI's own CLIP_VISION model (same HF weights, same tokens)."""
+    """hyperlora_core's ClipEncoder on ComfyUI's own CLIP_VISION model (same HF weights, same tokens).
+
+    Connected from Load CLIP Vision, the model belongs to that node: it is offloaded after use, never freed here.
+    """
 
     def __init__(self, clip_vision, width: int | None = None) -> None:
-        if width is not None:  # the tokens' width the checkpoint reads
+        if clip_vision is not None and width is not None:  # the tokens' width the checkpoint reads
             check_clip_vision(clip_vision, width)
-        self.clip_vision = clip_vision
+        self.clip_vision = clip_vision  # comfy.clip_vision.ClipVisionModel
+
+    @property
+    def loaded(self) -> bool:
+        return self.clip_vision is not None
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         cv = self.clip_vision
         mm.load_model_gpu(cv.patcher)
         out = cv.model(pixel_values=pixels.to(cv.load_device).float(), intermediate_output=-2)
         return out[1].float().to(mm.intermediate_device())
+
+    def spans(self) -> list[Span]:
+        return []
+
+    def release(self, free: bool) -> None:
+        offload(self.clip_vision.patcher)
 
 
 def check_clip_vision(clip_vision, width: int) -> None:
@@ -62,12 +96,42 @@ def check_clip_vision(clip_vision, width: int) -> None:
 
 
 class ManagedClip(ComfyClipVision):
-    """The CLIP folder beside the checkpoint, loaded by ComfyUI's own ``comfy.clip_vision`` (as Load CLIP Vision
-    would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny test towers
-    too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
+    """The CLIP folder beside the checkpoint, loaded on first use by ComfyUI's own ``comfy.clip_vision`` (as Load
+    CLIP Vision would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny
+    test towers too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
     def __init__(self, folder: Path, width: int | None = None) -> None:
-        super().__init__(load_clip_folder(folder), width)
+        from ..hyperlora_core.clip import inspect_clip
+
+        super().__init__(None)
+        self.folder, self.width = folder, width
+        self.loads = 0  # how many times the tower was loaded from the file
+        config, sf, _, prefix = inspect_clip(folder)  # headers only: a missing or broken file is named at once
+        if width is not None and config.width != width:
+            kind = VIT_NAMES.get(config.width, f"a {config.width}-wide model")
+            raise ClipConfigError(
+                f"CLIP folder '{folder}' holds {kind} (width {config.width}); HyperLoRA reads CLIP ViT-L/14 tokens "
+                f"(width {width}). Put openai/clip-vit-large-patch14 there, or connect it through Load CLIP Vision.")
+        self._spans = sf.spans(k for k in sf.keys() if k.startswith(prefix))
+
+    def spans(self) -> list[Span]:
+        """Where the image tower lies in its file, for the read-ahead; nothing once loaded."""
+        return [] if self.loaded else self._spans
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.clip_vision is None:
+            model = load_clip_folder(self.folder)
+            if self.width is not None:
+                check_clip_vision(model, self.width)
+            self.clip_vision = model
+            self.loads += 1
+        return super().encode(pixels)
+
+    def release(self, free: bool) -> None:
+        if self.clip_vision is not None:
+            offload(self.clip_vision.patcher)
+        if free:
+            self.clip_vision = None
 
 
 def load_clip_folder(folder: Path):
@@ -107,15 +171,16 @@ def load_clip_folder(folder: Path):
 
 
 class HyperLoRAHandle:
-    """What flows along a HYPER_LORA wire."""
+    """What flows along a HYPER_LORA wire. Building it reads headers only."""
 
-    def __init__(self, checkpoint: Path, face_folder: Path, *, provider: str, dtype: str, clip_vision=None) -> None:
+    def __init__(self, checkpoint: Path, face_folder: Path, *, provider: str, dtype: str, clip_vision=None,
+                 keep_networks: bool = False) -> None:
         self.dtype = _dtype(dtype)
         self.core: HyperLoRA = load_hyperlora(checkpoint, device="cpu", dtype=self.dtype, unet=None)
         self.face_folder, self.provider = face_folder, provider
-        self.patcher = comfy.model_patcher.ModelPatcher(self.core.networks(), load_device=mm.get_torch_device(),
-                                                        offload_device=mm.unet_offload_device())
-        self.clip = None
+        self.keep_networks = keep_networks  # CPU-only: keep CLIP and the networks in memory between photo sets
+        self._patcher: comfy.model_patcher.ModelPatcher | None = None
+        self.clip: ComfyClipVision | ManagedClip | None = None
         if "clip" in self.core.encoders or self.core.has_base:  # the base resampler reads CLIP tokens too
             if clip_vision is not None:
                 self.clip = ComfyClipVision(clip_vision, self.core.clip_width)
@@ -124,6 +189,14 @@ class HyperLoRAHandle:
 
                 self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.core.clip_width)
         self._pipeline: IdentityPipeline | None = None
+        self.readahead: ReadAhead | None = None  # the last read-ahead started
+
+    @property
+    def patcher(self) -> comfy.model_patcher.ModelPatcher:
+        """The networks in a ModelPatcher, built (from the memory-mapped files) on first use."""
+        if self._patcher is None:
+            self._patcher = _patcher(self.core.networks())
+        return self._patcher
 
     @property
     def pipeline(self) -> IdentityPipeline:
@@ -133,11 +206,40 @@ class HyperLoRAHandle:
 
             faces = FaceAnalyzer(self.face_folder, providers=self.provider)
             log.info("HyperLoRA face analysis runs on %s", faces.provider)
-            self._pipeline = IdentityPipeline(self.core, faces, self.clip)
+            self._pipeline = IdentityPipeline(self.core, faces, self.clip, on_start=self.prefetch,
+                                              after_predict=self.release)
         return self._pipeline
+
+    def prefetch(self) -> None:
+        """Read ahead, in the background, what the photos will need: CLIP, the networks, then the basis."""
+        first = self.clip.spans() if self.clip is not None else []
+        self.readahead = self.core.prefetch(networks=not self.core.built, first=first)
 
     def load_networks(self) -> None:
         mm.load_models_gpu([self.patcher])
+
+    def release(self) -> None:
+        """After an identity is predicted: CLIP and the networks go back through model management's offload
+        path; on a CPU-only machine, where that moves nothing, they are freed unless ``keep_networks``."""
+        cpu_only = mm.get_torch_device().type == "cpu"
+        if cpu_only and self.keep_networks:
+            return  # kept loaded, and listed by model management as before (POST /free can still unload them)
+        free = cpu_only
+        offload(self._patcher)
+        if self.clip is not None:
+            self.clip.release(free)
+        if free:
+            self._patcher = None
+            self.core.release_networks()
+            log.info("HyperLoRA: identity ready; CLIP and the networks freed (the next photos load them again)")
+
+    def loaded(self) -> dict[str, object]:
+        """What is in memory now and how often each part was built: for tests, benches and logs."""
+        builds = Counter(self.core.builds)
+        if isinstance(self.clip, ManagedClip):
+            builds["clip"] = self.clip.loads
+        return {"networks": list(self.core.built), "clip": isinstance(self.clip, ManagedClip) and self.clip.loaded,
+                "face_analyzer": self._pipeline is not None, "builds": dict(+builds)}
 
     def __repr__(self) -> str:
         return repr(self.core)

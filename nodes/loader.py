@@ -14,10 +14,12 @@ class LoadHyperLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadHyperLoRA",
-            display_name="Load HyperLoRA",
+            display_name="HyperLoRA",  # the frontend's search puts an exact name first; any longer one loses to ids
+            # such as HyperLoRAHook (13 characters), which it ranks by length
             category=CATEGORY,
-            description="Loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with its face "
-                        "analyzer and CLIP encoder. Only file headers are read here; weights load on first use.",
+            description="Start here: loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with "
+                        "its face analyzer and CLIP encoder. Only file headers are read here; weights load on first "
+                        "use.",
             inputs=[
                 io.Combo.Input("checkpoint", options=folders.checkpoints(),
                                tooltip="Checkpoint folder in models/hyper_lora (hyper_lora_modules.json and the "
@@ -33,12 +35,26 @@ class LoadHyperLoRA(io.ComfyNode):
                                     tooltip="Optional CLIP ViT-L/14 from Load CLIP Vision (clip-vit-large-patch14). "
                                             "Without it the CLIP folder beside the checkpoint or in "
                                             "models/hyper_lora/clip_vit is used."),
+                io.Boolean.Input("keep_networks", default=False, optional=True,
+                                 tooltip="CPU only: keep CLIP and the networks (about 1.5 GB) in memory after an "
+                                         "identity is made, so new photos start faster. Off: they are freed and "
+                                         "load again for the next photos. With a GPU they are always offloaded "
+                                         "by ComfyUI instead."),
             ],
             outputs=[HyperLoRAType.Output(display_name="hyper_lora", tooltip="The loaded HyperLoRA.")],
         )
 
     @classmethod
-    def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None) -> io.NodeOutput:
+    def validate_inputs(cls, checkpoint, face_analyzer) -> bool | str:
+        """At queue time, with the other node errors: a checkpoint or analyzer that is not installed."""
+        problems = [m for m in (folders.check_checkpoint(checkpoint), folders.check_face_analyzer(face_analyzer))
+                    if m is not True]
+        return " ".join(problems) or True
+
+    @classmethod
+    def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None,
+                keep_networks=False) -> io.NodeOutput:
         handle = HyperLoRAHandle(folders.checkpoint_path(checkpoint), folders.face_analyzer_path(face_analyzer),
-                                 provider=provider, dtype=dtype, clip_vision=clip_vision)
+                                 provider=provider, dtype=dtype, clip_vision=clip_vision,
+                                 keep_networks=keep_networks)
         return io.NodeOutput(handle)

@@ -42,7 +42,7 @@ class ConceptSlider(io.ComfyNode):
             description="A slider from a start to an end example (two photos or two identities): positive strength "
                         "moves toward the end, negative toward the start.",
             inputs=[
-                HyperLoRAType.Input("hyper_lora", tooltip="From Load HyperLoRA."),
+                HyperLoRAType.Input("hyper_lora", tooltip="From the HyperLoRA node (the loader)."),
                 io.Combo.Input("mode", options=["weight", "coefficient"], default="weight",
                                tooltip="weight: the exact LoRA difference, LoRA(end) at +s and LoRA(start) at -s. "
                                        "coefficient: moves the identity itself between start and end (s=1: end, "

@@ -94,7 +94,7 @@ def test_names_just_under_the_cap_still_load(tmp_path):
 def test_a_huge_photo_is_refused_before_any_copy():
     huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.float32), (20000, 20000, 3))  # 4.8 GB if it were real
     tracemalloc.start()
-    with pytest.raises(ImageFormatError, match=r"image 3: 20000 × 20000 pixels \(400 MP\).*downscale"):
+    with pytest.raises(ImageFormatError, match=r"photo 4: 20000 × 20000 pixels \(400 MP\).*downscale"):
         to_rgb8(huge, index=3)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

@@ -43,6 +43,15 @@ def test_a_stage_file_reads_and_defaults_fill_the_rest(tmp_path):
     assert type(config).from_dict(config.to_dict()) == config  # what a checkpoint stores reads back equal
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_shipped_stage_configs_load(stage):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "training" / f"stage{stage}.toml")
+    assert config.stage.stage == stage and config.data.backend == "comfy" and config.run.precision == "bf16"
+    assert (config.stage.init == "") == (stage == 1)
+
+
 def test_trigger_position():
     assert StageConfig(trigger_position="prefix").with_trigger("a photo") == f"{TRIGGER_WORDS}, a photo"
     assert StageConfig(trigger_position="suffix").with_trigger("a photo") == f"a photo, {TRIGGER_WORDS}"
@@ -53,3 +62,20 @@ def test_warmup_then_cosine():
     assert optim.lr_at(0) == pytest.approx(0.1) and optim.lr_at(9) == pytest.approx(1.0)
     assert optim.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert optim.lr_at(110) == pytest.approx(0.1)
+
+
+def test_the_training_package_imports_no_host():
+    """hyperlora_core.train and all its modules import without ComfyUI (the comfy backend is train_comfy/)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, pkgutil, importlib, hyperlora_core.train as t\n"
+            "names = [m.name for m in pkgutil.iter_modules(t.__path__) if m.name != '__main__']\n"
+            "[importlib.import_module('hyperlora_core.train.' + n) for n in names]\n"
+            "import hyperlora_core.evaluate\n"
+            "bad = [m for m in ('comfy', 'folder_paths', 'server', 'nodes', 'comfy_api') if m in sys.modules]\n"
+            "print(len(names), bad)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert int(out[0]) >= 10 and out[1] == "[]"

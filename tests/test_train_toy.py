@@ -76,6 +76,18 @@ def test_three_stages_learn_identities(toy, staged):
     assert wins >= 7
 
 
+def test_heldout_loss_drops_with_training(toy, staged):
+    from hyperlora_core.train.validate import heldout_loss
+
+    denoiser, data = toy
+    held = data.get(list(range(len(data.held_index))), held_out=True)
+    stage = staged[1].config.stage
+    fresh = heldout_loss(_net(None, denoiser), denoiser, held, stage)
+    trained = heldout_loss(_net(staged[0][3], denoiser), denoiser, held, stage)
+    _show(f"held-out denoising loss: untrained hypernetwork {fresh:.4f}, after the three stages {trained:.4f}")
+    assert trained < 0.95 * fresh
+
+
 @pytest.mark.parametrize("up_std", [0.01, 0.3])
 def test_untrained_hypernetwork_fails(toy, staged, up_std):
     """The same test on fresh weights (the released init, and one with large random LoRAs) does not pass."""
@@ -133,6 +145,8 @@ def test_resume_gives_the_uninterrupted_parameters(toy, tmp_path):
     resumed.train(progress=False)
     a, b = straight.full_weights(), resumed.full_weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    raw = straight.full_weights(ema=False)
+    assert not all(torch.equal(a[k], raw[k]) for k in a)  # the EMA is a different set of weights, resumed exactly
     # negative control: the same weights without the optimiser state do not reproduce the run
     weights_only = Trainer(_resume_config(tmp_path / "c"), denoiser, data)
     weights_only.net.load_state_dict(first.full_weights(ema=False))
@@ -179,3 +193,18 @@ def test_validation_every_n_steps(toy, tmp_path):
     rows = [r for r in trainer.history if "val/heldout_loss" in r]
     assert [r["step"] for r in rows] == [3, 6]
     assert all(0 < r["val/heldout_loss"] < 10 and 0 <= r["val/identity_wins"] <= 8 for r in rows)
+
+
+def test_bf16_autocast_trains_and_changes_the_arithmetic(toy, tmp_path):
+    denoiser, data = toy
+    weights = {}
+    for precision in ("fp32", "bf16"):
+        config = toy_config(tmp_path / precision, 3, 3, run={"out": str(tmp_path / precision), "batch": 4,
+                                                             "precision": precision, "checkpoint_every": 1000})
+        trainer = Trainer(config, denoiser, data)
+        stats = trainer.train(progress=False)
+        assert torch.isfinite(torch.tensor(stats["loss"]))
+        weights[precision] = trainer.full_weights()
+    assert all(v.dtype == torch.float32 for v in weights["bf16"].values())  # the weights stay fp32
+    worst = max(float((weights["fp32"][k] - weights["bf16"][k]).abs().max()) for k in weights["fp32"])
+    assert 0 < worst < 0.05

@@ -53,22 +53,6 @@ class Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
-    @staticmethod
-    def collate(samples: Sequence[Batch]) -> Batch:
-        """Concatenate batches (of one sample each, or more) along b."""
-        first = samples[0]
-        out = {}
-        for f in fields(Batch):
-            values = [getattr(s, f.name) for s in samples]
-            if f.name == "captions":
-                out[f.name] = [c for v in values for c in v]
-            elif values[0] is None:
-                out[f.name] = None
-            else:
-                out[f.name] = torch.cat(values)
-        del first
-        return Batch(**out)
-
 
 def combine(*parts: tuple[Factors, torch.Tensor | None]) -> Factors | None:
     """Several LoRAs on one model as one: factors concatenated along the rank, each up scaled per sample by its gate

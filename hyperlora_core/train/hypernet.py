@@ -66,7 +66,6 @@ class BasisStack(nn.Module):
         for name, (kk, a, c) in shapes.items():
             std = a ** -0.5 if name.startswith("down") else up_std
             self.groups[name] = nn.Parameter(torch.randn(rows[name], kk, a, c, generator=generator) * std)
-        self.n_linears = len(modules) * len(LINEARS)
         for name in self.groups:  # token of every row, in row order
             index = [token_index(s.module, s.linear, s.side) for s in self.slots if s.group == name]
             self.register_buffer(f"tokens_{name}", torch.tensor(index), persistent=False)

@@ -144,17 +144,17 @@ class Case:
 NAN = float("nan")
 CASES = {
     # photos
-    "image_without_a_face": Case(photo_case(face=False), "HyperLoRAFromImage", ("face", "image 0")),
+    "image_without_a_face": Case(photo_case(face=False), "HyperLoRAFromImage", ("face", "photo 1")),
     "no_face_in_any_photo_with_skip": Case(photo_case(face=False, on_failure="skip"), "HyperLoRAFromImage",
-                                           ("no face", "image 0")),
+                                           ("no face", "photo 1")),
     "empty_image_batch": Case(image_case("empty_batch"), "HyperLoRAFromImage",
                               ("no reference image", "batch is empty", "image input")),
-    "one_pixel_image": Case(image_case("one_pixel"), "HyperLoRAFromImage", ("image 0", "face")),
-    "huge_image": Case(image_case("huge"), "HyperLoRAFromImage", ("image 0", "20000", "downscale")),
-    "nan_pixels": Case(image_case("nan"), "HyperLoRAFromImage", ("image 0", "nan", "photo")),
-    "inf_pixels": Case(image_case("inf"), "HyperLoRAFromImage", ("image 0", "infinite", "photo")),
+    "one_pixel_image": Case(image_case("one_pixel"), "HyperLoRAFromImage", ("photo 1", "face")),
+    "huge_image": Case(image_case("huge"), "HyperLoRAFromImage", ("photo 1", "20000", "downscale")),
+    "nan_pixels": Case(image_case("nan"), "HyperLoRAFromImage", ("photo 1", "nan", "photo")),
+    "inf_pixels": Case(image_case("inf"), "HyperLoRAFromImage", ("photo 1", "infinite", "photo")),
     "face_index_past_the_faces": Case(photo_case(face_index=5), "HyperLoRAFromImage",
-                                      ("image 0", "face_index 5", "lower face_index")),
+                                      ("photo 1", "face_index 5", "lower face_index")),
     # checkpoints and CLIP
     "corrupted_safetensors": Case(corrupt_checkpoint, None, ("hyper_lora_modules.safetensors", "again")),
     "clip_vision_vit_h": Case(clip_vision_case("ViT-H/14"), "LoadHyperLoRA",
@@ -258,7 +258,8 @@ def test_missing_checkpoint_is_named(server):
     if run.http_status == 400:  # validation: the combo no longer offers it
         errors = run.response["node_errors"]["load_gone"]["errors"]
         show(f"\nmissing checkpoint: refused by ComfyUI's validation: {errors}")
-        assert any(e["type"] == "value_not_in_list" and "tiny_gone" in e["details"] for e in errors), errors
+        assert any(e["type"] in ("value_not_in_list", "custom_validation_failed") and "tiny_gone" in e["details"]
+                   for e in errors), errors  # custom: LoadHyperLoRA.validate_inputs, with the available choices
         assert any(e["extra_info"]["input_name"] == "checkpoint" for e in errors), errors
     else:
         show(f"\nmissing checkpoint: {explain(run)}")

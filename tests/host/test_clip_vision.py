@@ -19,14 +19,15 @@ def test_clip_folder_loads_through_comfy_clip_vision(comfy, tiny_clip_folder):
 
     handle = pack_module("nodes.handle")
     managed = handle.ManagedClip(tiny_clip_folder)
-    assert isinstance(managed.clip_vision, comfy.clip_vision.ClipVisionModel)
+    assert managed.clip_vision is None  # loaded on first use
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tokens = managed.encode(pixels)
+    assert isinstance(managed.clip_vision, comfy.clip_vision.ClipVisionModel)
     reference = transformers.CLIPVisionModel.from_pretrained(str(tiny_clip_folder)).eval()
     stored = managed.clip_vision.dtype
     reference = reference.to(stored).float()  # the same weight rounding as ComfyUI's storage
     with torch.no_grad():
         expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-    tokens = managed.encode(pixels)
     assert tokens.shape == expected.shape and tokens.dtype == torch.float32
     diff = (tokens - expected).abs().max().item()
     assert diff <= BOUND, diff

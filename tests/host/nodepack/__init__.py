@@ -223,6 +223,35 @@ class HLTestLoadedModels:
         return {"ui": {"report": [{"tag": tag, "models": models, "rss": psutil.Process().memory_info().rss}]}}
 
 
+class HLTestHyperLoRAState:
+    """Report what a HYPER_LORA holds now and how often each part was built (its ``loaded()``), and how many of
+    ComfyUI's loaded models are not ComfyUI's own classes (ours); always re-runs."""
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"hyper_lora": ("HYPER_LORA", {"tooltip": "the HyperLoRA to look at"})},
+                "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def report(self, hyper_lora, after=None):
+        import gc
+
+        import comfy.model_management as mm
+
+        gc.collect()
+        ours = [lm for lm in mm.current_loaded_models
+                if lm.model is not None and not type(lm.model.model).__module__.startswith("comfy.")]
+        return {"ui": {"state": [{**hyper_lora.loaded(), "managed": len(ours)}]}}
+
+
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestTinyControlNet, HLTestFaceImage,
-    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels)} | faults.NODE_CLASS_MAPPINGS
+    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels, HLTestHyperLoRAState)} | faults.NODE_CLASS_MAPPINGS

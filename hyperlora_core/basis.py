@@ -12,7 +12,7 @@ half-precision part (two entries on the same row, which is then still in cache),
 float32 precision and the only rounding left is that single one of the result.
 
 Files whose layout does not allow the flat view (mixed dtypes, odd offsets) take a slower exact path that
-streams tensors of equal shape through a float32 staging buffer, one ``bmm`` per chunk.
+streams tensors of equal shape through a float32 staging buffer, one :func:`mix_bases` per chunk.
 
 Letters: ``j`` basis tensors, ``k`` basis size, ``s`` rows of a tensor in the flat view, ``d`` row width.
 """
@@ -33,6 +33,20 @@ Progress = Callable[[int, int], None]  # (done, total)
 MIN_ROW = 8  # a flat view with narrower rows would be slower than the staged path
 STAGE_BYTES = 8 << 20  # staged path: float32 buffer per chunk, sized to stay in cache
 PROGRESS_STEPS = 8
+
+
+def token_index(module: int, linear: int, side: int) -> int:
+    """The coefficient token that mixes side ``side`` (0 down, 1 up) of linear ``linear`` (0..3) of ``module``."""
+    return module * TOKENS_PER_MODULE + 2 * linear + side
+
+
+def mix_bases(coefs: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """The method's mixing, ``Σ_k c_k · basis[k]``, for every member at once: the one definition of it.
+
+    coefs ``[..., j, k]`` and bases ``[j, k, a, b]`` -> ``[..., j, a, b]`` in float32. Inference's staged path and
+    training call this; the flat path is an exact rewrite of it for memory-mapped files (tested equal).
+    """
+    return torch.einsum("...jk,jkab->...jab", coefs.float(), bases.float())
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ class BasisBank:
             for j, (linear, _, _) in enumerate(LINEARS):
                 for side_index, side in enumerate(("down", "up")):
                     key = f"{i}.{linear}.{kind}_{side}_basis"
-                    self.members.append(Member(key, i * TOKENS_PER_MODULE + 2 * j + side_index, (i, linear, side),
+                    self.members.append(Member(key, token_index(i, j, side_index), (i, linear, side),
                                                file.shape(key)))
         self.tokens = torch.tensor([m.token for m in self.members])
         self.flat = flat if flat is not None and flat.ok else None
@@ -139,7 +153,7 @@ class BasisBank:
         return [m.flatten() for m in out.split(self.n_rows)]
 
     def _mix_staged(self, coefs: torch.Tensor, progress: Progress | None) -> list[torch.Tensor]:
-        """Exact fallback: members of one shape go through a float32 staging buffer, one bmm per chunk."""
+        """Exact fallback: members of one shape go through a float32 staging buffer, one mix_bases per chunk."""
         by_shape: dict[tuple[int, int, int], list[int]] = {}
         for j, m in enumerate(self.members):
             by_shape.setdefault(m.shape, []).append(j)
@@ -152,7 +166,7 @@ class BasisBank:
                 part = group[start: start + chunk]
                 for slot, j in enumerate(part):
                     stage[slot].copy_(self.file.tensor(self.members[j].key).view(k, a * b))
-                mixed = torch.bmm(coefs[part].cpu().unsqueeze(1), stage[: len(part)]).squeeze(1)
+                mixed = mix_bases(coefs[part].cpu(), stage[: len(part)].view(len(part), k, a * b, 1)).flatten(1)
                 for row, j in zip(mixed, part, strict=True):
                     results[j] = row
             done += len(group)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m hyperlora_core inspect|doctor|generate``."""
+"""Command line: ``python -m hyperlora_core inspect|doctor|generate|eval``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import face_similarity
+    from .face import FaceAnalyzer
+    from .images import load_image
+
+    try:
+        faces = FaceAnalyzer(args.insightface, providers=args.provider)
+        result = face_similarity(faces, [load_image(p) for p in args.images],
+                                 [load_image(p) for p in args.references])
+    except (HyperLoRAError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps({"mean": result.mean, "scores": dict(zip(args.images, result.scores,
+                                                                               strict=True)),
+                                     "no_face": [args.images[i] for i in result.missing]}, indent=2) + "\n")
+    else:
+        lines = [f"{score:.4f}  {path}" + ("  (no face)" if i in result.missing else "")
+                 for i, (path, score) in enumerate(zip(args.images, result.scores, strict=True))]
+        lines.append(f"mean ArcFace cosine to {len(args.references)} reference(s): {result.mean:.4f} "
+                     f"({len(result.missing)} of {len(args.images)} images without a face)")
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _unet_spec(text: str) -> UNetSpec:
     try:
         w1, w2, ctx = (int(v) for v in text.split(","))
@@ -156,12 +181,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--device", default=None, help="torch device (default cpu)")
     gen.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     gen.add_argument("--unet", type=_unet_spec, default=SDXL, metavar="W1,W2,CTX", help=argparse.SUPPRESS)
+    ev = sub.add_parser("eval", help="face similarity (ArcFace cosine) of generated images to reference photos")
+    ev.add_argument("--images", required=True, nargs="+", help="generated images")
+    ev.add_argument("--references", required=True, nargs="+", help="photos of the person")
+    ev.add_argument("--insightface", required=True, help="antelopev2 folder")
+    ev.add_argument("--provider", default="auto", choices=("auto", "cpu", "cuda"), help="onnxruntime provider")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "doctor":
         return _doctor(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "eval":
+        return _eval(args)
     try:
         checkpoint = open_checkpoint(args.folder, unet=args.unet, dim_head=args.dim_head)
     except HyperLoRAError as exc:

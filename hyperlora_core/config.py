@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import MissingKeyError, ShapeMismatchError, UnexpectedKeyError
 
 Shapes = dict[str, tuple[int, ...]]
+TRIGGER_WORDS = "fcsks fxhks fhyks"  # the released checkpoints' trigger words (prompts at inference, training captions)
 
 
 def check_keys(what: str, path: object, found: Shapes, expected: Shapes) -> None:

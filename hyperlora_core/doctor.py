@@ -1,4 +1,6 @@
-"""``python -m hyperlora_core doctor --models <ComfyUI models dir>``: every file the nodes need, checked.
+"""The doctor: every file and package the nodes need, checked. From ComfyUI's folder:
+``python custom_nodes/ComfyUI-HyperLoRA/doctor.py`` (or ``python -m hyperlora_core doctor --models <models dir>``
+from this package's folder).
 
 Each check reports ok / warn / problem, what it found, and the exact fix. It answers the commonest user
 reports: files in the wrong folder, a nested antelopev2 folder, git-LFS pointers instead of weights, truncated
@@ -16,12 +18,17 @@ from .checkpoint import MODULES_JSON, open_checkpoint, read_basis_config, read_m
 from .config import IdProjectorConfig, ResamplerConfig
 from .errors import HyperLoRAError
 from .safetensors_file import SafetensorsFile
+from .sources import ANTELOPEV2, CHECKPOINT, CLIP_VIT_L14
 from .topology import SDXL, UNetSpec
 
+COMMAND = "python custom_nodes/ComfyUI-HyperLoRA/doctor.py"  # how users run it, from ComfyUI's folder
 ANTELOPE_FILES = ("scrfd_10g_bnkps.onnx", "2d106det.onnx", "glintr100.onnx", "genderage.onnx", "1k3d68.onnx")
+UNUSED_ANTELOPE = ("genderage.onnx", "1k3d68.onnx")  # in the download, never loaded by the nodes: a note at most
 CLIP_WIDTH = 1024  # ViT-L/14 token width, what the released resampler reads
+# leaves exactly one runtime, the one insightface depends on (README: "Face analysis on the GPU" for the other way)
+ONNXRUNTIME_FIX = "pip uninstall -y onnxruntime-gpu onnxruntime && pip install onnxruntime"
 MIN_ONNX_BYTES = 1024  # smaller than this is an empty file, an error page or a pointer
-STATUSES = ("ok", "warn", "problem")
+STATUSES = ("ok", "note", "warn", "problem")
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class Check:
     """One line of the doctor's table."""
 
     name: str  # what was checked
-    status: str  # "ok", "warn" or "problem"
+    status: str  # "ok", "note" (nothing to do), "warn" (works, worth fixing) or "problem" (does not work)
     detail: str  # what was found
     fix: str = ""  # the exact fix, empty when nothing is to be done
 
@@ -52,8 +59,8 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
     folders = [f for f in checkpoint_folders(models) if any(f.rglob(MODULES_JSON)) or any(f.glob("*.safetensors"))]
     if not folders:
         return [Check("HyperLoRA checkpoint", "problem", f"no checkpoint folder in {models / 'hyper_lora'}",
-                      f"put the released folder, e.g. sdxl_hyper_id_lora_v1_fidelity/ with {MODULES_JSON} and the "
-                      f"three .safetensors files, into {models / 'hyper_lora'}/")]
+                      f"download the released folder ({CHECKPOINT.origin}: {MODULES_JSON} and the three "
+                      f".safetensors files) into {models / 'hyper_lora'}/")]
     checks = []
     for folder in folders:
         name = f"checkpoint {folder.name}"
@@ -140,7 +147,7 @@ def check_clip(models: Path, width: int = CLIP_WIDTH) -> list[Check]:
             candidates += sorted(p for p in parent.iterdir() if p.is_dir() or p.suffix == ".safetensors")
     if not candidates:
         return [Check("CLIP ViT-L/14", "problem", "no CLIP vision model found",
-                      f"put openai/clip-vit-large-patch14 (config.json + model.safetensors) into "
+                      f"download {CLIP_VIT_L14.origin} (config.json + model.safetensors) into "
                       f"{models / 'hyper_lora' / 'clip_vit' / 'clip_vit_large_14'}/, or its .safetensors into "
                       f"{models / 'clip_vision'}/")]
     return [_check_clip_candidate(path, width) for path in candidates]
@@ -171,13 +178,22 @@ def check_insightface(models: Path) -> list[Check]:
                             f"move the .onnx files up into {base}/ and remove the inner folder"))
     if not folder.is_dir():
         return [Check("antelopev2", "problem", f"{base} does not exist",
-                      f"download antelopev2 ({', '.join(ANTELOPE_FILES)}) and put the files in {base}/")]
+                      f"download antelopev2 ({ANTELOPEV2.origin}: {', '.join(ANTELOPE_FILES)}) and put the "
+                      f"files in {base}/")]
     for name in ANTELOPE_FILES:
         checks.append(_check_onnx(folder / name))
     return checks
 
 
 def _check_onnx(path: Path) -> Check:
+    check = _check_onnx_file(path)
+    if path.name in UNUSED_ANTELOPE and check.status == "problem":
+        return Check(check.name, "note", f"{check.detail}; the nodes never use it (insightface's "
+                     f"{'gender/age' if path.name.startswith('genderage') else '3D landmark'} model)")
+    return check
+
+
+def _check_onnx_file(path: Path) -> Check:
     name = f"antelopev2/{path.name}"
     if not path.is_file():
         return Check(name, "problem", "missing", f"put {path.name} from antelopev2 into {path.parent}/")
@@ -206,12 +222,11 @@ def check_packages(version: Callable[[str], str] = metadata.version,
             pass
     if not installed:
         checks.append(Check("onnxruntime", "problem", "not installed",
-                            "pip install onnxruntime-gpu (NVIDIA GPU) or pip install onnxruntime"))
+                            "pip install onnxruntime"))
     elif len(installed) == 2:
         checks.append(Check("onnxruntime", "warn", f"both installed ({', '.join(installed)}); they share one folder "
                             "and the last one installed wins",
-                            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
-                            "(or onnxruntime without an NVIDIA GPU)"))
+                            ONNXRUNTIME_FIX))
     else:
         checks.append(Check("onnxruntime", "ok", installed[0]))
     listed = providers() if providers is not None else _providers()
@@ -247,5 +262,6 @@ def format_table(checks: list[Check]) -> str:
         if c.fix:
             lines.append(f"{''.ljust(width)}  {'':<7}  fix: {c.fix}")
     problems = sum(c.status == "problem" for c in checks)
-    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s)")
+    lines.append(f"{problems} problem(s), {sum(c.status == 'warn' for c in checks)} warning(s), "
+                 f"{sum(c.status == 'note' for c in checks)} note(s)")
     return "\n".join(lines)

@@ -91,5 +91,9 @@ class FaceNotFoundError(HyperLoRAError, ValueError):
     """No usable face was found in an input image."""
 
 
+class InputValueError(HyperLoRAError, ValueError):
+    """A node input holds a value the method cannot use (a NaN strength, a file name leading outside its folder)."""
+
+
 class DependencyMissing(HyperLoRAError, RuntimeError):
     """An optional package a feature needs is not installed; the message names the pip command."""

@@ -119,10 +119,11 @@ class FaceResult:
             notes.append(f"{self.arcface_faces} faces in the ArcFace square: the one overlapping this face is used")
         return "ok: " + "; ".join(notes)
 
-    def raise_for_failure(self) -> None:
-        """Raise FaceNotFoundError naming the image index when no face was chosen."""
+    def raise_for_failure(self, hint: str = "") -> None:
+        """Raise FaceNotFoundError naming the photo as a user counts it (from 1) when no face was chosen;
+        ``hint`` (the caller's advice for its own mode) is appended."""
         if self.face is None:
-            raise FaceNotFoundError(f"image {self.index}: {self.reason}")
+            raise FaceNotFoundError(f"photo {self.index + 1}: {self.reason}{hint}")
 
 
 def retry_sizes(det_size: int) -> tuple[int, ...]:
@@ -163,7 +164,7 @@ class FaceAnalyzer:
         ``embed`` False skips the ArcFace step (checkpoints that read CLIP only).
         """
         if image_rgb8.dtype != np.uint8 or image_rgb8.ndim != 3 or image_rgb8.shape[2] != 3:
-            raise ValueError(f"image {index}: analyze() needs HxWx3 uint8 RGB (use images.to_rgb8), "
+            raise ValueError(f"photo {index + 1}: analyze() needs HxWx3 uint8 RGB (use images.to_rgb8), "
                              f"got {image_rgb8.dtype} {image_rgb8.shape}")
         if face_index is not None and face_index < 0:
             raise ValueError(f"face_index must be >= 0 (0 is the leftmost face) or None, got {face_index}")
@@ -277,14 +278,14 @@ class FaceAnalyzer:
         return (f"a face was found in this {w}x{h} photo, but the ArcFace step found none when it ran the detector "
                 f"again on the square ({x1:.0f}, {y1:.0f})-({x2:.0f}, {y2:.0f}) around it, as the official pipeline "
                 f"does (sizes tried: {tried}), so there is no identity embedding. Use a photo where the face is "
-                "larger, sharper and frontal, or leave this image out (on_failure = skip).")
+                "larger, sharper and frontal.")
 
     def _no_face_reason(self, bgr: np.ndarray, attempts) -> str:
         tried = ", ".join(f"{s}{' padded' if p else ''}" for s, p in attempts)
         h, w = bgr.shape[:2]
         hint = "the photo is very dark; " if float(bgr.mean()) < 20.0 else ""
         return (f"no face found in this {w}x{h} photo ({hint}detector sizes tried: {tried}). Use a photo where the "
-                "face is clearly visible, frontal and lit, or leave this image out (skip failed images).")
+                "face is clearly visible, frontal and lit.")
 
 
 def _choose(boxes: np.ndarray, face_index: int | None) -> int | None:

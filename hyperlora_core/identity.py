@@ -15,14 +15,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import IdentityFormatError, IdentityMismatchError
-from .safetensors_file import read_header
+from .safetensors_file import read_header, save_atomic
 
 FORMAT = "hyperlora.identity"
 FORMAT_VERSION = "1"
 STORAGE = ("fp16", "fp32", "int8")
+MAX_NAMES_BYTES = 4 << 20  # module-name list, decompressed: the released 140 names take ~12 KB
 
 
 @dataclass
@@ -80,9 +81,7 @@ class Identity:
         names = base64.b64encode(zlib.compress(json.dumps(list(self.module_names)).encode(), 9)).decode()
         metadata = {"format": FORMAT, "version": FORMAT_VERSION, "storage": storage, "fingerprint": self.fingerprint,
                     "module_names": names, "meta": json.dumps(self.meta)}
-        path = Path(path)
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        return save_atomic(tensors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Identity:
@@ -98,8 +97,13 @@ class Identity:
                                       f"this version reads {FORMAT_VERSION!r}. Update the extension.")
         try:
             tensors = load_file(str(path))
-            names = tuple(json.loads(zlib.decompress(base64.b64decode(metadata["module_names"]))))
+            names = tuple(json.loads(_inflate(base64.b64decode(metadata["module_names"]), path)))
             meta = json.loads(metadata.get("meta", "{}"))
+            fingerprint = metadata["fingerprint"]
+            if not all(isinstance(n, str) for n in names) or not isinstance(meta, dict):
+                raise ValueError("module names or notes of the wrong type")
+        except IdentityFormatError:
+            raise
         except (SafetensorError, KeyError, ValueError, zlib.error) as exc:
             raise IdentityFormatError(f"identity: '{path}' is damaged ({exc}); save it again.") from exc
 
@@ -108,11 +112,25 @@ class Identity:
                 return dequantize_int8(tensors[name + ".int8"], tensors[name + ".scale"])
             return tensors[name].float() if name in tensors else None
 
-        tokens = read("tokens")
+        try:
+            tokens, base_tokens = read("tokens"), read("base_tokens")
+        except KeyError as exc:
+            raise IdentityFormatError(f"identity: '{path}' lacks {exc} beside its int8 tokens; save it again.") from exc
         if tokens is None:
             raise IdentityFormatError(f"identity: '{path}' holds no tokens ({sorted(infos)}); save it again.")
-        return cls(tokens=tokens, module_names=names, fingerprint=metadata["fingerprint"],
-                   base_tokens=read("base_tokens"), meta=meta)
+        return cls(tokens=tokens, module_names=names, fingerprint=fingerprint, base_tokens=base_tokens, meta=meta)
+
+
+def _inflate(data: bytes, path: Path) -> bytes:
+    """zlib-decompress the module-name list, refusing to grow past MAX_NAMES_BYTES (a decompression bomb)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_NAMES_BYTES + 1)
+    if len(out) > MAX_NAMES_BYTES or inflater.unconsumed_tail:
+        raise IdentityFormatError(
+            f"identity: '{path}' declares a module-name list that inflates past {MAX_NAMES_BYTES >> 20} MiB (a real "
+            "one takes a few KB); it is damaged or not made by this extension. Delete it and save the identity "
+            "again.")
+    return out
 
 
 def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

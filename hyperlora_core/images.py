@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BACKGROUND = 127  # #7f7f7f, what transparent pixels become
 _FLOAT_SLACK = 1.5  # floats above this are taken for a wrong scale, not an HDR overshoot
+MAX_PIXELS = 128 << 20  # ~134 MP (about 11600²): above it a photo is refused before any copy is made
 
 
 def to_rgb8(image: object, index: int = 0) -> np.ndarray:
@@ -38,7 +39,7 @@ def to_rgb8(image: object, index: int = 0) -> np.ndarray:
             image = image.float()
         image = image.numpy()
     if not isinstance(image, np.ndarray):
-        raise ImageFormatError(f"image {index}: expected an image (numpy array, torch tensor or PIL image), "
+        raise ImageFormatError(f"photo {index + 1}: expected an image (numpy array, torch tensor or PIL image), "
                                f"got {type(image).__name__}")
     return _from_array(image, index)
 
@@ -49,14 +50,14 @@ def load_image(path: str | Path, index: int = 0) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ImageFileMissing(f"image {index}: '{path}' does not exist (check the path)")
+        raise ImageFileMissing(f"photo {index + 1}: '{path}' does not exist (check the path)")
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             return _from_pil(im, index)
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageFormatError(f"image {index}: '{path}' could not be read as an image ({exc}); "
+        raise ImageFormatError(f"photo {index + 1}: '{path}' could not be read as an image ({exc}); "
                                "save it as PNG or JPEG and try again") from exc
 
 
@@ -79,10 +80,16 @@ def _from_array(arr: np.ndarray, index: int) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         hint = " (channels first? ComfyUI images are height x width x channels)" if (
             arr.ndim == 3 and arr.shape[0] in (1, 3, 4)) else ""
-        raise ImageFormatError(f"image {index}: shape {tuple(arr.shape)} is not an image of height x width x "
+        raise ImageFormatError(f"photo {index + 1}: shape {tuple(arr.shape)} is not an image of height x width x "
                                f"1-4 channels{hint}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageFormatError(f"image {index}: the image is empty (shape {tuple(arr.shape)})")
+        raise ImageFormatError(f"photo {index + 1}: the image is empty (shape {tuple(arr.shape)})")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ImageFormatError(
+            f"photo {index + 1}: {arr.shape[1]} × {arr.shape[0]} pixels ({arr.shape[0] * arr.shape[1] / 1e6:.0f} MP) "
+            "is "
+            f"above the {MAX_PIXELS / 1e6:.0f} MP limit; faces are analysed at 640 px, so downscale the photo "
+            "first (e.g. Upscale Image By 0.25)")
     unit = _to_unit_range(arr, index)  # float32 in [0, 1], or None when arr is already uint8
     if unit is None:
         rgb8 = _channels_u8(arr)
@@ -100,19 +107,21 @@ def _to_unit_range(arr: np.ndarray, index: int) -> np.ndarray | None:
     if np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 65535:
-            raise ImageFormatError(f"image {index}: integer values {lo}..{hi} are outside 8- and 16-bit range")
+            raise ImageFormatError(f"photo {index + 1}: integer values {lo}..{hi} are outside 8- and 16-bit range")
         scale = 65535.0 if (arr.dtype.itemsize >= 2 and (arr.dtype == np.uint16 or hi > 255)) else 255.0
         return arr.astype(np.float32) / scale
     if np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
-            raise ImageFormatError(f"image {index}: contains NaN or infinite values")
+            raise ImageFormatError(f"photo {index + 1}: contains NaN or infinite pixel values; it is not a usable "
+                                   "photo. Check the node that made it (an fp16 VAE decode can give NaN) or load the "
+                                   "photo from its file")
         lo, hi = float(arr.min()), float(arr.max())
         if hi > _FLOAT_SLACK or lo < -0.5:
-            raise ImageFormatError(f"image {index}: float values {lo:.3g}..{hi:.3g}; images must be in [0, 1] "
+            raise ImageFormatError(f"photo {index + 1}: float values {lo:.3g}..{hi:.3g}; images must be in [0, 1] "
                                    "(divide 0..255 values by 255)")
         return np.clip(arr, 0.0, 1.0)
-    raise ImageFormatError(f"image {index}: unsupported pixel type {arr.dtype}")
+    raise ImageFormatError(f"photo {index + 1}: unsupported pixel type {arr.dtype}")
 
 
 def _channels_u8(arr: np.ndarray) -> np.ndarray:

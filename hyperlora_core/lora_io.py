@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .safetensors_file import save_atomic
 from .topology import LINEARS, AttnModule, comfy_key, kohya_key
 
 KEY_FORMATS: dict[str, Callable[[AttnModule, str], str]] = {"kohya": kohya_key, "comfy": comfy_key}
@@ -45,12 +45,21 @@ def build_lora(
     return lora
 
 
+def lora_pair(down_mixed: torch.Tensor, up_mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixed bases in basis orientation (``[..., in, r]``, ``[..., r, out]``) -> the stored orientation
+    (``down [..., r, in]``, ``up [..., out, r]``) and alpha = r / 2, so the delta is ``alpha / r · up @ down``.
+
+    The one definition of a HyperLoRA layer's LoRA: inference (:func:`build_lora`) and training both call it.
+    """
+    rank = down_mixed.shape[-1]
+    return down_mixed.transpose(-1, -2), up_mixed.transpose(-1, -2), rank * ALPHA_PER_RANK
+
+
 def _add_pair(lora: dict[str, torch.Tensor], prefix: str, pair: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Basis orientation ([in, r], [r, out]) -> stored orientation ([r, in], [out, r]) plus alpha = r / 2."""
-    down, up = pair["down"].t(), pair["up"].t()
+    down, up, alpha = lora_pair(pair["down"], pair["up"])
     lora[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
     lora[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
-    lora[prefix + ".alpha"] = torch.tensor(down.shape[0] * ALPHA_PER_RANK, dtype=dtype)
+    lora[prefix + ".alpha"] = torch.tensor(alpha, dtype=dtype)
 
 
 def lora_prefixes(lora: dict[str, torch.Tensor]) -> list[str]:
@@ -69,8 +78,6 @@ def lora_delta(lora: dict[str, torch.Tensor], prefix: str, strength: float = 1.0
 
 def save_lora(lora: dict[str, torch.Tensor], path: str | Path, *, dtype: torch.dtype | None = torch.float16,
               metadata: dict[str, str] | None = None) -> Path:
-    """Write a LoRA as safetensors (fp16 by default, as LoRA files usually are); returns the path."""
+    """Write a LoRA as safetensors (fp16 by default, as LoRA files usually are), atomically; returns the path."""
     tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in lora.items()}
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", **(metadata or {})})
-    return path
+    return save_atomic(tensors, path, metadata={"ss_network_module": "networks.lora", **(metadata or {})})

@@ -63,6 +63,15 @@ class HyperLoRA:
     def has_base(self) -> bool:
         return self.checkpoint.has_base
 
+    @property
+    def clip_width(self) -> int | None:
+        """Width of the CLIP tokens the resamplers read (1024: ViT-L/14's penultimate hidden states); None when
+        neither reads any."""
+        cfg = self.checkpoint.resampler
+        if "clip" in self.encoders:
+            return cfg.y_dim if cfg.two_conditions else cfg.x_dim
+        return self.checkpoint.base_resampler.x_dim if self.has_base else None
+
     # -- lazy networks -----------------------------------------------------------------------------------
     def _build(self, cls: type[torch.nn.Module], config: object, role: str) -> torch.nn.Module:
         """Build on the meta device and adopt the memory-mapped tensors: no random init, no extra copy."""

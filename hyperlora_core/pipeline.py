@@ -27,6 +27,8 @@ from .model import HyperLoRA
 log = logging.getLogger(__name__)
 
 ON_FAILURE = ("error", "skip")
+# error mode, several photos: how to go on with the others (the node's widget words; the CLI's --skip-failed)
+SKIP_HINT = " To use the other photos without it, set on_failure: skip (--skip-failed on the command line)."
 Progress = Callable[[int, int], None]
 
 
@@ -95,15 +97,16 @@ class IdentityPipeline:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
         if len(images) == 0:
-            raise ConditionError("no reference image given: connect at least one photo of the person")
+            raise ConditionError("no reference image given (the image batch is empty): connect at least one photo "
+                                 "of the person to the image input")
         crops, bases, embeds, used, skipped, reports = [], [], [], [], {}, []
         for i, raw in enumerate(images):
             image = to_rgb8(raw, index=i)
             result = self.analyze(image, i, options)
-            reports.append(f"image {i}: {result.summary()}")
+            reports.append(f"photo {i + 1}: {result.summary()}")
             if not result.ok:
                 if on_failure == "error":
-                    result.raise_for_failure()
+                    result.raise_for_failure(SKIP_HINT if len(images) > 1 else "")
                 skipped[i] = result.reason
                 continue
             landmarks = result.face.landmark_106
@@ -117,9 +120,9 @@ class IdentityPipeline:
             if progress is not None:
                 progress(i + 1, len(images))
         if not used:
-            raise ConditionError(f"no face found in any of the {len(images)} images ("
-                                 + "; ".join(f"image {i}: {r}" for i, r in skipped.items())
-                                 + "). Use photos where one face is clearly visible.")
+            raise ConditionError(f"no usable face in any of the {len(images)} photo(s), so on_failure: skip left "
+                                 "none to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in skipped.items())
+                                 + "). Give at least one photo where one face is clearly visible.")
         clip_tokens = self._encode_clip(crops) if "clip" in self.hyperlora.encoders else None
         id_embeds = torch.stack(embeds) if "arcface" in self.hyperlora.encoders else None
         base_tokens = self._encode_clip(bases) if bases else None

@@ -77,10 +77,12 @@ class PerceiverBlock(nn.Module):
             self.norm_attn3_y = nn.LayerNorm(d)
             self.attn3 = Attention(d, config.heads, config.dim_head)
 
-    def forward(self, latents: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+        """x None bypasses the cross-attention to x (training stage 2 reads CLIP only)."""
         h = self.norm_attn1(latents)
         latents = latents + self.attn1(h, h)
-        latents = latents + self.attn2(self.norm_attn2_l(latents), self.norm_attn2_x(x))
+        if x is not None:
+            latents = latents + self.attn2(self.norm_attn2_l(latents), self.norm_attn2_x(x))
         if self.two_conditions:
             latents = latents + self.attn3(self.norm_attn3_l(latents), self.norm_attn3_y(y))
         return latents + self.ff(self.norm_ff(latents))
@@ -99,10 +101,10 @@ class Resampler(nn.Module):
         self.proj_out = nn.Linear(config.dim, config.out_dim)
         self.layers = nn.ModuleList([PerceiverBlock(config) for _ in range(config.depth)])
 
-    def per_image(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [b, n, dx], y [b, n', dy] -> un-averaged, un-normalised tokens [b, q, k]"""
-        latents = self.latents.expand(x.shape[0], -1, -1)
-        x = self.proj_in(x)
+    def per_image(self, x: torch.Tensor | None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, n, dx], y [b, n', dy] -> un-averaged, un-normalised tokens [b, q, k]; x None: the x path is off."""
+        latents = self.latents.expand((x if x is not None else y).shape[0], -1, -1)
+        x = self.proj_in(x) if x is not None else None
         y = self.proj_in_2(y) if self.config.two_conditions else None
         for layer in self.layers:
             latents = layer(latents, x, y)

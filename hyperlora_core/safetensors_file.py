@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import (
     CheckpointFileMissing,
@@ -181,3 +183,22 @@ class SafetensorsFile:
 
     def dtypes(self) -> set[str]:
         return {t.dtype for t in self.tensors.values()}
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                ) -> Path:
+    """Write a safetensors file under a temporary name in the target folder, then rename it into place.
+
+    A save that fails (full disk, interrupt, bad tensor) leaves no partial file under ``path``, and a reader never
+    sees a half-written one: the rename is atomic on one file system.
+    """
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path

@@ -9,8 +9,9 @@ from comfy_api.latest import ComfyExtension, io
 
 log = logging.getLogger(__name__)
 
-OPTIONAL = {"insightface": "pip install insightface onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)",
-            "onnxruntime": "pip install onnxruntime-gpu   (or onnxruntime without an NVIDIA GPU)"}
+OPTIONAL = {"insightface": "pip install insightface onnxruntime   (or everything: pip install -r "
+                           "custom_nodes/ComfyUI-HyperLoRA/requirements.txt)",
+            "onnxruntime": "pip install onnxruntime   (the runtime insightface depends on)"}
 
 
 def report_missing() -> list[str]:
@@ -30,7 +31,9 @@ class HyperLoRAExtension(ComfyExtension):
         from .refine import HyperLoRARefine
         from .slider import ConceptSlider
         from .storage import LoadHyperLoRAIdentity, SaveHyperLoRA, SaveHyperLoRAIdentity
+        from .trigger_check import register
 
         report_missing()
+        register()
         return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
                 SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine]

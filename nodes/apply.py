@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import comfy.model_management as mm
 import comfy.sd
+import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..hyperlora_core.errors import ModuleMismatchError
+from ..hyperlora_core.errors import InputValueError, ModuleMismatchError
 from ..hyperlora_core.lora_io import lora_prefixes
 from .handle import TRIGGER_WORDS
 from .types import CATEGORY, HyperLoRAType, IdentityType
@@ -23,8 +26,23 @@ def lora_dtype(handle) -> torch.dtype:
     return file.torch_dtype(next(iter(tags))) if len(tags) == 1 else torch.float32
 
 
+def check_strength(name: str, value: float) -> float:
+    """Refuse a strength that is not a finite number (the API lets NaN through: it fails no min/max check)."""
+    if not math.isfinite(value):
+        raise InputValueError(f"{name} is {value}; it must be a finite number (0.75-0.85 is usual for an identity). "
+                              "Set the widget to a number.")
+    return value
+
+
+def mixing_progress(done: int, total: int) -> None:
+    """Basis mixing reports to the node's progress bar, which also stops it when the user cancels the run."""
+    mm.throw_exception_if_processing_interrupted()
+    comfy.utils.ProgressBar(total).update_absolute(done, total)
+
+
 def make_lora(handle, identity, kind: str = "id", key_format: str = "comfy") -> dict[str, torch.Tensor]:
-    return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle))
+    return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle),
+                                        progress=mixing_progress)
 
 
 def check_model(model, lora: dict[str, torch.Tensor]) -> None:
@@ -59,6 +77,8 @@ def check_model(model, lora: dict[str, torch.Tensor]) -> None:
 
 def apply_identity(model, handle, identity, id_strength: float, base_strength: float = 0.0):
     """A patched clone of ``model``; the incoming MODEL is never changed."""
+    check_strength("id_strength", id_strength)
+    check_strength("base_strength", base_strength)
     lora = make_lora(handle, identity, "id")
     check_model(model, lora)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, id_strength, 0.0)
@@ -71,7 +91,7 @@ def apply_identity(model, handle, identity, id_strength: float, base_strength: f
                         "the released checkpoints have none). Set base_strength to 0.", base_strength)
         else:
             log.warning("base_strength %.2f ignored: this identity has no Base tokens (it was saved or made without "
-                        "Base conditions). Make it again with HyperLoRA Identity from Image.", base_strength)
+                        "Base conditions). Make it again with HyperLoRA Face.", base_strength)
     return patched
 
 
@@ -87,7 +107,7 @@ class ApplyHyperLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL model."),
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
-                IdentityType.Input("identity", tooltip="From HyperLoRA Identity from Image or Load Identity."),
+                IdentityType.Input("identity", tooltip="From HyperLoRA Face (photos) or Load HyperLoRA Identity."),
                 io.Float.Input("id_strength", default=0.85, min=-2.0, max=2.0, step=0.01,
                                tooltip="LoRA weight of the identity; 0.75-0.85 is recommended."),
                 io.Float.Input("base_strength", default=0.0, min=-2.0, max=2.0, step=0.01,

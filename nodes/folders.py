@@ -8,7 +8,8 @@ from pathlib import Path
 
 import folder_paths
 
-from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing
+from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing, InputValueError
+from ..hyperlora_core.sources import ANTELOPEV2, CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +36,75 @@ def _roots(kind: str) -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(kind) if os.path.isdir(p)]
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder, or an accidental ``x/x/`` nesting of one (what load_hyperlora accepts by name)."""
+    return (folder / MODULES_JSON).is_file() or (folder / folder.name / MODULES_JSON).is_file()
+
+
 def checkpoints() -> list[str]:
-    """Checkpoint folders (relative to a hyper_lora root), including the official nodes' hyper_lora/hyper_lora/."""
+    """Checkpoint folders (relative to a hyper_lora root), including the official nodes' hyper_lora/hyper_lora/.
+
+    A folder that only holds checkpoints (``hyper_lora/`` itself) is not one: listing it would offer a choice that
+    cannot load.
+    """
     found = []
     for root in _roots(HYPER_LORA):
         for parent in (root, root / "hyper_lora"):
             if not parent.is_dir():
                 continue
             for sub in sorted(parent.iterdir()):
-                if sub.is_dir() and sub.name not in NOT_CHECKPOINTS and (
-                        (sub / MODULES_JSON).is_file() or any(sub.glob(f"*/{MODULES_JSON}"))):
+                if sub.is_dir() and sub.name not in NOT_CHECKPOINTS and is_checkpoint(sub):
                     found.append(sub.relative_to(root).as_posix())
     return sorted(set(found))
 
 
 def _find_dir(kind: str, name: str) -> Path | None:
-    """``name`` (a dropdown value, relative) under the first root of ``kind`` that has it; never outside one."""
+    """``name`` (a dropdown value, relative) under the first root of ``kind`` that has it.
+
+    Containment is judged on the name as listed, not on where a symlink leads: models folders shared through
+    symlinks work, while an absolute name or one with ``..`` is refused.
+    """
+    parts = Path(name.replace("\\", "/")).parts  # "." (files right in the root) has none: the root itself
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\0" in name:
+        return None
     for root in _roots(kind):
-        path = (root / name).resolve()
-        if path.is_dir() and (path == root.resolve() or root.resolve() in path.parents):
+        path = root.joinpath(*parts)
+        if path.is_dir():
             return path
     return None
+
+
+def _first_folder(kind: str) -> str:
+    """Where a download of ``kind`` goes: its first registered folder (it may not exist yet)."""
+    return str(Path(folder_paths.get_folder_paths(kind)[0]))
+
+
+def check_choice(input_name: str, value: str, listed: list[str], where: str, what: str) -> bool | str:
+    """Queue-time check of a folder dropdown (ComfyUI 0.3.64 does not check V3 combo values): True, or a message
+    naming the input, listing what is available (or saying there is none and where it goes) and what to do."""
+    if value in listed:
+        return True
+    if listed:
+        return (f"{input_name} '{value}' is not installed. Available: {', '.join(listed)}. Pick one in {where}'s "
+                f"{input_name} list.")
+    return f"{input_name} '{value}' is not installed, and there is none yet: {what} Then press R to refresh the lists."
+
+
+def check_checkpoint(name: str) -> bool | str:
+    return check_choice("checkpoint", name, checkpoints(), "the HyperLoRA node",
+                        f"download a checkpoint folder ({CHECKPOINT.origin}: {MODULES_JSON} and three .safetensors "
+                        f"files) into {_first_folder(HYPER_LORA)}/.")
+
+
+def check_face_analyzer(name: str) -> bool | str:
+    return check_choice("face_analyzer", name, face_analyzers(), "the HyperLoRA node",
+                        f"download antelopev2 ({ANTELOPEV2.origin}) and unpack its .onnx files into "
+                        f"{Path(_first_folder(INSIGHTFACE)) / 'models' / 'antelopev2'}/.")
+
+
+def check_identity(name: str) -> bool | str:
+    return check_choice("identity", name, identities(), "Load HyperLoRA Identity",
+                        "save one with Save HyperLoRA Identity (it writes to models/hyper_lora/identities).")
 
 
 def checkpoint_path(name: str) -> Path:
@@ -69,11 +118,14 @@ def checkpoint_path(name: str) -> Path:
 
 
 def face_analyzers() -> list[str]:
+    """Folders holding the antelopev2 detector, at most three levels down; symlinked folders are followed."""
     found = []
     for root in _roots(INSIGHTFACE):
-        for folder in sorted(root.rglob(DETECTOR)):
-            rel = folder.parent.relative_to(root)
-            if len(rel.parts) <= 3:
+        for folder, subs, files in os.walk(root, followlinks=True):
+            rel = Path(folder).relative_to(root)
+            if len(rel.parts) >= 3:
+                subs.clear()
+            if DETECTOR in files:
                 found.append(rel.as_posix())
     return sorted(set(found))
 
@@ -109,10 +161,19 @@ def identities() -> list[str]:
 
 
 def identity_path(name: str) -> Path:
+    """The identity file ``name``; refused when two identity folders hold different files of that name."""
     path = folder_paths.get_full_path(IDENTITIES, name)
     if path is None:
         raise CheckpointFileMissing(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
-    return Path(path)
+    path, name = Path(path), os.path.relpath(os.path.join("/", name), "/")  # as ComfyUI confines it
+    for root in _roots(IDENTITIES):
+        other = root / name
+        if other.is_file() and not other.samefile(path) and other.read_bytes() != path.read_bytes():
+            raise InputValueError(
+                f"identity '{name}' names two different files: '{path}' and '{other}' (two identity folders, "
+                "see extra_model_paths.yaml). Which person was meant is unclear: rename or delete one of them and "
+                "refresh the page (press R).")
+    return path
 
 
 def saved_name(kind: str, target: Path) -> str:
@@ -120,15 +181,38 @@ def saved_name(kind: str, target: Path) -> str:
     return target.relative_to(Path(folder_paths.get_folder_paths(kind)[0]).resolve()).as_posix()
 
 
+def shown_path(target: Path) -> str:
+    """A saved file as a user finds it: ``models/...`` when under ComfyUI's models folder, else the full path."""
+    try:
+        return "models/" + Path(target).resolve().relative_to(Path(folder_paths.models_dir).resolve()).as_posix()
+    except ValueError:
+        return str(target)
+
+
+def check_prefix(prefix: str, folder: str) -> list[str]:
+    """The parts of a filename_prefix, refused (not silently rewritten) when it could lead outside ``folder``."""
+    where = f"a relative name under {folder}, e.g. 'hyperlora/identity'"
+    parts = prefix.replace("\\", "/").split("/")
+    if "\0" in prefix:
+        problem = "holds a NUL character"
+    elif prefix.startswith(("/", "\\")):
+        problem = "is an absolute path"
+    elif ":" in prefix:
+        problem = "names a drive or stream (':')"
+    elif ".." in parts:
+        problem = "climbs out of the folder with '..'"
+    else:
+        return [p for p in parts if p not in ("", ".")] or ["hyperlora"]
+    raise InputValueError(f"filename_prefix {prefix!r} {problem}: files are only saved inside {folder}. Use {where}.")
+
+
 def save_target(kind: str, prefix: str, ext: str = ".safetensors") -> Path:
-    """A new numbered file under the first folder of ``kind``; the prefix can never lead outside it."""
+    """A new numbered file under the first folder of ``kind``; a prefix that would leave it is refused."""
     root = Path(folder_paths.get_folder_paths(kind)[0]).resolve()
-    parts = [p for p in Path(prefix.replace("\\", "/")).parts if p not in ("", ".", "..", "/") and ":" not in p]
-    if not parts:
-        parts = ["hyperlora"]
+    parts = check_prefix(prefix, str(root))
     target_dir = root.joinpath(*parts[:-1]).resolve()
     if root != target_dir and root not in target_dir.parents:
-        raise ValueError(f"filename_prefix '{prefix}' would write outside {root}; use a plain name")
+        raise InputValueError(f"filename_prefix '{prefix}' leads outside {root} through a link; use a plain name")
     target_dir.mkdir(parents=True, exist_ok=True)
     stem, counter = parts[-1], 1
     while (target_dir / f"{stem}_{counter:05d}_{ext}").exists():

@@ -17,6 +17,7 @@ import comfy.model_patcher
 import torch
 
 from ..hyperlora_core import load_hyperlora
+from ..hyperlora_core.errors import ClipConfigError
 from ..hyperlora_core.model import HyperLoRA
 from ..hyperlora_core.pipeline import IdentityPipeline
 
@@ -24,10 +25,15 @@ log = logging.getLogger(__name__)
 TRIGGER_WORDS = "fcsks fxhks fhyks"
 
 
+VIT_NAMES = {768: "ViT-B", 1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}  # by hidden width
+
+
 class ComfyClipVision:
     """hyperlora_core's ClipEncoder on ComfyUI's own CLIP_VISION model (same HF weights, same tokens)."""
 
-    def __init__(self, clip_vision) -> None:
+    def __init__(self, clip_vision, width: int | None = None) -> None:
+        if width is not None:  # the tokens' width the checkpoint reads
+            check_clip_vision(clip_vision, width)
         self.clip_vision = clip_vision
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -37,13 +43,31 @@ class ComfyClipVision:
         return out[1].float().to(mm.intermediate_device())
 
 
+def check_clip_vision(clip_vision, width: int) -> None:
+    """Refuse, before any photo is analysed, a CLIP_VISION that is not a ViT-L/14 at 224 px (257 tokens of
+    ``width``): ViT-H and ViT-bigG from IPAdapter setups are the usual mix-ups."""
+    embeddings = getattr(getattr(clip_vision.model, "vision_model", None), "embeddings", None)
+    patch = getattr(embeddings, "patch_embedding", None)
+    found_width = getattr(patch, "out_channels", None)
+    found_patch = (tuple(getattr(patch, "kernel_size", ())) or (None,))[0]
+    found_size = getattr(clip_vision, "image_size", None)
+    if (found_width, found_patch, found_size) == (width, 14, 224) and embeddings.class_embedding is not None:
+        return
+    kind = VIT_NAMES.get(found_width, f"a {found_width}-wide model") if found_width else "not a CLIP ViT"
+    raise ClipConfigError(
+        f"clip_vision: the connected CLIP Vision is {kind} (width {found_width}, patch {found_patch}, "
+        f"{found_size} px); HyperLoRA reads CLIP ViT-L/14 tokens at 224 px (width {width}). Load "
+        "clip-vit-large-patch14 in Load CLIP Vision, or disconnect clip_vision to use the CLIP folder in "
+        "models/hyper_lora/clip_vit.")
+
+
 class ManagedClip(ComfyClipVision):
     """The CLIP folder beside the checkpoint, loaded by ComfyUI's own ``comfy.clip_vision`` (as Load CLIP Vision
     would), so ComfyUI offloads and counts it; any ViT width or depth the folder's tensors give (tiny test towers
     too), where ``comfy.clip_vision.load`` only recognises the released sizes by key names."""
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(load_clip_folder(folder))
+    def __init__(self, folder: Path, width: int | None = None) -> None:
+        super().__init__(load_clip_folder(folder), width)
 
 
 def load_clip_folder(folder: Path):
@@ -94,11 +118,11 @@ class HyperLoRAHandle:
         self.clip = None
         if "clip" in self.core.encoders or self.core.has_base:  # the base resampler reads CLIP tokens too
             if clip_vision is not None:
-                self.clip = ComfyClipVision(clip_vision)
+                self.clip = ComfyClipVision(clip_vision, self.core.clip_width)
             else:
                 from .folders import clip_folder
 
-                self.clip = ManagedClip(clip_folder(Path(checkpoint)))
+                self.clip = ManagedClip(clip_folder(Path(checkpoint)), self.core.clip_width)
         self._pipeline: IdentityPipeline | None = None
 
     @property

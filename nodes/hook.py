@@ -5,14 +5,18 @@ from __future__ import annotations
 import comfy.hooks
 from comfy_api.latest import io
 
-from .apply import make_lora
+from ..hyperlora_core.errors import InputValueError
+from .apply import check_strength, make_lora
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 
 def identity_hooks(handle, identity, strength: float, start_percent: float, end_percent: float):
     """A weight hook carrying the in-memory LoRA, active from start to end percent of the sampling."""
     if not 0.0 <= start_percent < end_percent <= 1.0:
-        raise ValueError(f"need 0 <= start_percent < end_percent <= 1, got {start_percent} and {end_percent}")
+        raise InputValueError(f"start_percent ({start_percent}) must be below end_percent ({end_percent}), both "
+                              "within 0..1: the hook is active from start to end of the sampling. Lower "
+                              "start_percent or raise end_percent.")
+    check_strength("strength", strength)
     hooks = comfy.hooks.create_hook_lora(make_lora(handle, identity), strength_model=strength, strength_clip=0.0)
     keyframes = comfy.hooks.HookKeyframeGroup()
     if start_percent > 0.0:

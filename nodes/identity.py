@@ -30,11 +30,12 @@ class HyperLoRAFromImage(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HyperLoRAFromImage",
-            display_name="HyperLoRA Identity from Image",
+            display_name="HyperLoRA Face",  # search "face" and "hyperlora": near the top
             category=CATEGORY,
-            description="Finds the face in each photo and predicts one identity from all of them (averaged).",
+            description="Identity from face photos: finds the face in each photo and predicts one identity from all "
+                        "of them (averaged).",
             inputs=[
-                HyperLoRAType.Input("hyper_lora", tooltip="From Load HyperLoRA."),
+                HyperLoRAType.Input("hyper_lora", tooltip="From the HyperLoRA node (the loader)."),
                 io.Image.Input("image", tooltip="One photo, or a batch of photos of the same person (averaged)."),
                 io.Boolean.Input("remove_background", default=True,
                                  tooltip="Grey out everything but the face below the eyebrows before CLIP sees it, "
@@ -74,5 +75,5 @@ class HyperLoRAFromImage(io.ComfyNode):
             before_predict=hyper_lora.load_networks)
         bar.update_absolute(len(images) + 1)
         for line in conditions.reports:  # one line per photo: what was found, and where we left the official path
-            log.info("HyperLoRA Identity from Image: %s", line)
+            log.info("HyperLoRA Face: %s", line)
         return io.NodeOutput(identity, previews(conditions.previews))

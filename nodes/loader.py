@@ -14,10 +14,12 @@ class LoadHyperLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadHyperLoRA",
-            display_name="Load HyperLoRA",
+            display_name="HyperLoRA",  # the frontend's search puts an exact name first; any longer one loses to ids
+            # such as HyperLoRAHook (13 characters), which it ranks by length
             category=CATEGORY,
-            description="Loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with its face "
-                        "analyzer and CLIP encoder. Only file headers are read here; weights load on first use.",
+            description="Start here: loads a HyperLoRA checkpoint folder (e.g. sdxl_hyper_id_lora_v1_fidelity) with "
+                        "its face analyzer and CLIP encoder. Only file headers are read here; weights load on first "
+                        "use.",
             inputs=[
                 io.Combo.Input("checkpoint", options=folders.checkpoints(),
                                tooltip="Checkpoint folder in models/hyper_lora (hyper_lora_modules.json and the "
@@ -36,6 +38,13 @@ class LoadHyperLoRA(io.ComfyNode):
             ],
             outputs=[HyperLoRAType.Output(display_name="hyper_lora", tooltip="The loaded HyperLoRA.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint, face_analyzer) -> bool | str:
+        """At queue time, with the other node errors: a checkpoint or analyzer that is not installed."""
+        problems = [m for m in (folders.check_checkpoint(checkpoint), folders.check_face_analyzer(face_analyzer))
+                    if m is not True]
+        return " ".join(problems) or True
 
     @classmethod
     def execute(cls, checkpoint, face_analyzer, provider, dtype, clip_vision=None) -> io.NodeOutput:

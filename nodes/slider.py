@@ -6,7 +6,8 @@ import comfy.sd
 from comfy_api.latest import io
 
 from ..hyperlora_core import interpolate, lora_difference
-from .apply import check_model, make_lora
+from ..hyperlora_core.errors import InputValueError
+from .apply import check_model, check_strength, make_lora
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 COEFFICIENT_WEIGHT = 0.85  # an identity LoRA from coefficient space is applied at the recommended weight
@@ -16,7 +17,7 @@ def _identity(handle, image, identity, which: str):
     if identity is not None:
         return identity
     if image is None:
-        raise ValueError(f"ConceptSlider needs the {which} end: connect {which}_image or {which}_identity")
+        raise InputValueError(f"ConceptSlider needs the {which} end: connect {which}_image or {which}_identity")
     found, _ = handle.pipeline.identity([img.cpu().numpy() for img in image],
                                         before_predict=handle.load_networks)
     return found
@@ -24,6 +25,7 @@ def _identity(handle, image, identity, which: str):
 
 def slider_lora(handle, start, end, mode: str, strength: float):
     """weight: exact strength·(ΔW(end) − ΔW(start)). coefficient: the LoRA of the identity moved past end."""
+    check_strength("strength", strength)
     if mode == "weight":
         return lora_difference(make_lora(handle, end), make_lora(handle, start), strength)
     moved = interpolate(start, end, 0.5 + 0.5 * strength)  # strength 1: end; -1: start; 0: the midpoint
@@ -40,7 +42,7 @@ class ConceptSlider(io.ComfyNode):
             description="A slider from a start to an end example (two photos or two identities): positive strength "
                         "moves toward the end, negative toward the start.",
             inputs=[
-                HyperLoRAType.Input("hyper_lora", tooltip="From Load HyperLoRA."),
+                HyperLoRAType.Input("hyper_lora", tooltip="From the HyperLoRA node (the loader)."),
                 io.Combo.Input("mode", options=["weight", "coefficient"], default="weight",
                                tooltip="weight: the exact LoRA difference, LoRA(end) at +s and LoRA(start) at -s. "
                                        "coefficient: moves the identity itself between start and end (s=1: end, "

@@ -42,7 +42,7 @@ class SaveHyperLoRA(io.ComfyNode):
                             "hyperlora_trigger_words": "fcsks fxhks fhyks"})
         name = folders.saved_name("loras", target)
         log.info("saved HyperLoRA LoRA %s", target)
-        return io.NodeOutput(name, ui={"text": [name]})
+        return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})
 
 
 class SaveHyperLoRAIdentity(io.ComfyNode):
@@ -69,7 +69,7 @@ class SaveHyperLoRAIdentity(io.ComfyNode):
         target = folders.save_target(folders.IDENTITIES, filename_prefix)
         identity.save(target, storage=storage)
         name = folders.saved_name(folders.IDENTITIES, target)
-        return io.NodeOutput(name, ui={"text": [name]})
+        return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})
 
 
 class LoadHyperLoRAIdentity(io.ComfyNode):
@@ -84,6 +84,10 @@ class LoadHyperLoRAIdentity(io.ComfyNode):
                                    tooltip="An identity file in models/hyper_lora/identities.")],
             outputs=[IdentityType.Output(display_name="identity", tooltip="The loaded identity.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, identity) -> bool | str:
+        return folders.check_identity(identity)
 
     @classmethod
     def execute(cls, identity) -> io.NodeOutput:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -155,8 +158,8 @@ def test_packages_both_onnxruntimes_and_missing_insightface():
     checks = by_name(check_packages(version=version, providers=lambda: ["CPUExecutionProvider"]))
     assert checks["package insightface"].status == "problem" and checks["package insightface"].fix == \
         "pip install insightface"
-    assert checks["onnxruntime"].status == "warn" and "pip uninstall -y onnxruntime onnxruntime-gpu" in \
-        checks["onnxruntime"].fix
+    assert checks["onnxruntime"].status == "warn" and checks["onnxruntime"].fix == \
+        "pip uninstall -y onnxruntime-gpu onnxruntime && pip install onnxruntime"
     assert checks["onnxruntime providers"].detail == "CPUExecutionProvider"
 
 
@@ -165,3 +168,35 @@ def test_cli_prints_table_and_fails_on_problems(models, capsys):
     assert main(["doctor", "--models", str(models)]) == 1
     out = capsys.readouterr().out
     assert "antelopev2" in out and "fix: download antelopev2" in out and "problem(s)" in out
+
+
+def test_models_the_nodes_never_use_are_notes_not_problems(models, capsys):
+    """genderage.onnx and 1k3d68.onnx come with antelopev2 but are never loaded: missing or broken, a note."""
+    ante = models / "insightface" / "models" / "antelopev2"
+    (ante / "genderage.onnx").unlink()
+    (ante / "1k3d68.onnx").write_text(LFS)
+    checks = run(models)
+    assert checks["antelopev2/genderage.onnx"].status == "note" and "never use" in \
+        checks["antelopev2/genderage.onnx"].detail
+    assert checks["antelopev2/1k3d68.onnx"].status == "note" and not checks["antelopev2/1k3d68.onnx"].fix
+    assert {c.status for c in checks.values()} == {"ok", "note"}
+
+
+def test_doctor_script_runs_from_comfyuis_folder(models, tmp_path):
+    """What the README says: from ComfyUI's folder, ``python custom_nodes/ComfyUI-HyperLoRA/doctor.py`` checks
+    ComfyUI/models (the package folder a symlink, as for many installs)."""
+    comfyui = tmp_path / "ComfyUI"
+    (comfyui / "custom_nodes").mkdir(parents=True)
+    shutil.move(str(models), str(comfyui / "models"))
+    (comfyui / "custom_nodes" / "ComfyUI-HyperLoRA").symlink_to(Path(__file__).resolve().parents[1])
+    (comfyui / "models" / "insightface" / "models" / "antelopev2" / "genderage.onnx").unlink()
+    run = subprocess.run([sys.executable, "custom_nodes/ComfyUI-HyperLoRA/doctor.py"], cwd=comfyui,
+                         capture_output=True, text=True, timeout=300)
+    assert "No module named" not in run.stderr, run.stderr[-2000:]
+    assert "checkpoint sdxl_tiny" in run.stdout and "antelopev2/glintr100.onnx" in run.stdout, run.stdout
+    assert str(comfyui / "models") in run.stdout or "clip_vit_large_14" in run.stdout, run.stdout
+    genderage = next(line for line in run.stdout.splitlines() if "genderage.onnx" in line)
+    assert " note " in genderage, run.stdout
+    # the tiny checkpoint and CLIP are not SDXL-sized: those are the only problems, and they give exit code 1
+    problems = [line for line in run.stdout.splitlines() if " problem " in line]
+    assert run.returncode == 1 and problems and all("sdxl_tiny" in p or "CLIP" in p for p in problems), run.stdout

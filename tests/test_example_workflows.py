@@ -73,8 +73,8 @@ def test_most_examples_are_sdxl_graphs():
 
 
 def test_a_text_encoder_wired_past_clip_skip_is_caught():
-    ui = json.loads((EXAMPLES / "hyperlora_portrait.json").read_text())
-    api = json.loads((EXAMPLES / "api" / "hyperlora_portrait.json").read_text())
+    ui = json.loads((EXAMPLES / "HyperLoRA portrait from one photo.json").read_text())
+    api = json.loads((EXAMPLES / "api" / "HyperLoRA portrait from one photo.json").read_text())
     bad_api = copy.deepcopy(api)
     ckpt = next(k for k, v in api.items() if v["class_type"] == "CheckpointLoaderSimple")
     text = next(k for k, v in api.items() if v["class_type"] == "CLIPTextEncode")

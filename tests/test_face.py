@@ -117,7 +117,7 @@ def test_arcface_step_that_finds_nothing_fails_the_photo(analyzer, monkeypatch):
     result = analyzer.analyze(three_faces(), index=4)
     assert not result.ok and result.n_faces == 3
     assert "the ArcFace step found none" in result.reason and "on_failure = skip" in result.reason
-    with pytest.raises(FaceNotFoundError, match="image 4: a face was found"):
+    with pytest.raises(FaceNotFoundError, match="photo 5: a face was found"):
         result.raise_for_failure()
 
 
@@ -156,7 +156,7 @@ def test_largest_face_by_default_and_face_index_left_to_right(analyzer, face_ind
 def test_face_index_beyond_the_faces_found(analyzer):
     result = analyzer.analyze(three_faces(), index=1, face_index=3)
     assert not result.ok and result.n_faces == 3 and "only 3 face(s)" in result.reason
-    with pytest.raises(FaceNotFoundError, match="image 1: face_index 3"):
+    with pytest.raises(FaceNotFoundError, match="photo 2: face_index 3"):
         result.raise_for_failure()
 
 
@@ -167,7 +167,7 @@ def test_dark_image_gives_the_no_face_error_with_its_index(analyzer, detector_in
     assert "dark" in result.reason
     assert len(detector_inputs) == len(result.attempts) == 5  # 640, 512, 384, 256, then 640 padded
     assert result.attempts[-1] == (640, True)
-    with pytest.raises(FaceNotFoundError, match=r"^image 5: no face found"):
+    with pytest.raises(FaceNotFoundError, match=r"^photo 6: no face found"):
         result.raise_for_failure()
 
 
@@ -238,7 +238,7 @@ def test_embedding_is_normalised_deterministic_and_depends_on_the_face(analyzer)
 
 
 def test_rejects_non_rgb8(analyzer):
-    with pytest.raises(ValueError, match="image 3: analyze\\(\\) needs HxWx3 uint8"):
+    with pytest.raises(ValueError, match="photo 4: analyze\\(\\) needs HxWx3 uint8"):
         analyzer.analyze(np.zeros((64, 64), np.uint8), index=3)
 
 
@@ -365,12 +365,12 @@ def test_to_rgb8_conversions():
 
 
 @pytest.mark.parametrize(("image", "match"), [
-    (np.zeros((4, 4, 3), np.float32) + 255.0, "image 7: float values .* must be in \\[0, 1\\]"),
-    (np.full((4, 4), np.nan, np.float32), "image 7: contains NaN"),
-    (np.zeros((3, 32, 32), np.uint8), "image 7: shape .*channels first"),
-    (np.zeros((0, 4, 3), np.uint8), "image 7: the image is empty"),
-    (np.array([[70000]], np.int32), "image 7: integer values"),
-    ("photo.png", "image 7: expected an image"),
+    (np.zeros((4, 4, 3), np.float32) + 255.0, "photo 8: float values .* must be in \\[0, 1\\]"),
+    (np.full((4, 4), np.nan, np.float32), "photo 8: contains NaN"),
+    (np.zeros((3, 32, 32), np.uint8), "photo 8: shape .*channels first"),
+    (np.zeros((0, 4, 3), np.uint8), "photo 8: the image is empty"),
+    (np.array([[70000]], np.int32), "photo 8: integer values"),
+    ("photo.png", "photo 8: expected an image"),
 ])
 def test_to_rgb8_errors_name_the_image(image, match):
     from hyperlora_core.errors import ImageFormatError
@@ -397,7 +397,7 @@ def test_load_image_16bit_grey_exif_and_errors(tmp_path):
     assert shown.shape == (20, 40, 3) and shown[:, -5:].min() == 255  # the bright rows are now on the right
     Image.fromarray(np.zeros((3, 3, 4), np.uint8)).save(tmp_path / "clear.png")
     assert load_image(tmp_path / "clear.png")[0, 0].tolist() == [127] * 3
-    with pytest.raises(ImageFileMissing, match="image 2: .*nope.png' does not exist"):
+    with pytest.raises(ImageFileMissing, match="photo 3: .*nope.png' does not exist"):
         load_image(tmp_path / "nope.png", index=2)
     (tmp_path / "bad.png").write_text("<html>not an image</html>")
     with pytest.raises(ImageFormatError, match="could not be read"):

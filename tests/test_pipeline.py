@@ -73,13 +73,28 @@ def test_failures_error_or_skip(parts):
     _, hl, clip, faces = parts
     pipeline = IdentityPipeline(hl, faces, clip)
     images = [photo(6), photo(7, face=False)]
-    with pytest.raises(FaceNotFoundError, match="image 1"):
+    with pytest.raises(FaceNotFoundError, match="photo 2: no face") as raised:
         pipeline.identity(images)
+    assert "set on_failure: skip" in str(raised.value)
     identity, cond = pipeline.identity(images, on_failure="skip")
     assert cond.used == [0] and list(cond.skipped) == [1] and "no face" in cond.skipped[1]
     assert identity.meta["images_skipped"] == "1"
-    with pytest.raises(ConditionError, match="no face found in any of the 1 images"):
+    with pytest.raises(ConditionError, match="no usable face in any of the 1 photo"):
         pipeline.identity([photo(8, face=False)], on_failure="skip")
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_single_faceless_photo_gets_advice_for_the_mode_that_is_set(parts, mode):
+    """The message numbers photos from 1 and never tells a user in skip mode to skip (issue 16, point 8)."""
+    _, hl, clip, faces = parts
+    with pytest.raises((FaceNotFoundError, ConditionError)) as raised:
+        IdentityPipeline(hl, faces, clip).identity([photo(8, face=False)], on_failure=mode)
+    message = str(raised.value)
+    assert "photo 1" in message and "image 0" not in message, message
+    assert "skip failed" not in message and "leave this image out" not in message, message
+    assert "set on_failure: skip" not in message, message  # one photo: skipping it leaves nothing
+    if mode == "skip":
+        assert "on_failure: skip left none to use" in message, message
 
 
 def test_options_are_checked():
@@ -113,6 +128,6 @@ def test_generate_cli_writes_a_loadable_lora(parts, antelope, tiny_clip_folder, 
     assert len(lora) == 3 * 560 and lora[next(iter(lora))].dtype == torch.float16
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in lora
     assert Identity.load(tmp_path / "me.id.safetensors").tokens.shape == (1120, 16)
-    assert "image 1: ok" in capsys.readouterr().out
+    assert "photo 2: ok" in capsys.readouterr().out
     assert main(args + [str(paths[0]), str(tmp_path / "dark.png")]) == 1
-    assert "image 1" in capsys.readouterr().err
+    assert "photo 2" in capsys.readouterr().err

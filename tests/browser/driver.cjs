@@ -98,16 +98,31 @@ function buildGuardGraph({ positive, negative, hookPrompt }) {
   return { apply: apply.id, hook: hook.id, pos: pos.id, neg: neg.id, hookText: hookText.id };
 }
 
-// In the page: the guard's state on a node: its button (shown or not) and where it is on the screen.
+// In the page: the guard's state on a node: its button (a title-bar button; a widget in older versions of the
+// guard), where its centre is on the screen, and what the page shows there (the canvas, or an element on top).
 function guardState(id) {
   const { app } = window.comfyAPI.app;
   const node = app.graph.getNodeById(id);
-  const button = node.widgets.find((w) => w.name === "insert trigger words");
+  const titleButton = node.title_buttons?.find((b) => b.name === "insert trigger words");
+  const widget = node.widgets?.find((w) => w.name === "insert trigger words");
+  let shown = false;
+  let centre = [node.pos[0] + node.size[0] / 2, node.pos[1]];
+  if (titleButton) {
+    const [x, y, w, h] = titleButton._last_area;
+    shown = titleButton.visible;
+    centre = [node.pos[0] + x + w / 2, node.pos[1] + y + h / 2];
+  } else if (widget) {
+    shown = !widget.hidden;
+    centre = [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + LiteGraph.NODE_WIDGET_HEIGHT / 2];
+  }
   const rect = app.canvas.canvas.getBoundingClientRect();
-  const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2,
-    node.pos[1] + button.y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas(centre);
   const dpr = window.devicePixelRatio || 1;
-  return { shown: !button.hidden, x: rect.left + x / dpr, y: rect.top + y / dpr };
+  const screen = { x: rect.left + x / dpr, y: rect.top + y / dpr };
+  const top = document.elementFromPoint(screen.x, screen.y);
+  const covered = top && top !== app.canvas.canvas
+    ? (top.closest(".selection-toolbox") ? "selection toolbox" : `${top.tagName}.${top.className}`) : null;
+  return { shown, ...screen, covered };
 }
 
 const text = (id) => window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((w) => w.name === "text").value;
@@ -162,6 +177,135 @@ async function checkGuard(page, config, result) {
   return page.evaluate(() => window.comfyAPI.app.app.graph.serialize());
 }
 
+// The portrait example as it opens, its prompt without the trigger words, and that prompt selected with a mouse
+// click (its selection toolbox shows above it, between the prompt and Apply HyperLoRA): the guard's button must
+// stay visible and clickable.
+async function checkGuardWithPromptSelected(page, config) {
+  const graph = JSON.parse(fs.readFileSync(config.guardSelected.workflow, "utf8"));
+  await page.evaluate((g) => window.comfyAPI.app.app.loadGraphData(g), graph);
+  const ids = await page.evaluate((words) => {
+    const { app } = window.comfyAPI.app;
+    const prompt = app.graph.nodes.find((n) => n.type === "CLIPTextEncode"
+      && String(n.widgets.find((w) => w.name === "text").value).includes(words));
+    prompt.widgets.find((w) => w.name === "text").value = "a close-up portrait photo of a person";
+    app.canvas.centerOnNode(prompt);
+    return { prompt: prompt.id, apply: app.graph.nodes.find((n) => n.type === "ApplyHyperLoRA").id };
+  }, config.words);
+  await settle(page);
+  const title = await page.evaluate((id) => {
+    // the prompt's title bar, left of centre, on the screen
+    const { app } = window.comfyAPI.app;
+    const node = app.graph.getNodeById(id);
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + 60, node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT / 2]);
+    const dpr = window.devicePixelRatio || 1;
+    return { x: rect.left + x / dpr, y: rect.top + y / dpr };
+  }, ids.prompt);
+  await page.mouse.click(title.x, title.y);
+  await settle(page);
+  await page.waitForTimeout(300); // the toolbox slides in
+  const before = await page.evaluate(guardState, ids.apply);
+  const selected = await page.evaluate((id) => Object.keys(window.comfyAPI.app.app.canvas.selected_nodes ?? {})
+    .map(Number).includes(id), ids.prompt);
+  const toolbox = await page.evaluate(() => {
+    const panel = document.querySelector(".selection-toolbox");
+    if (!panel) return null;
+    const r = panel.getBoundingClientRect();
+    return { x: r.left, y: r.top, width: r.width, height: r.height };
+  });
+  await page.screenshot({ path: path.join(config.tmp, "guard_prompt_selected.png") });
+  await page.mouse.click(before.x, before.y);
+  await settle(page);
+  const after = await page.evaluate(guardState, ids.apply);
+  return { selected, toolbox, before, after: after.shown, prompt: await page.evaluate(text, ids.prompt) };
+}
+
+// A save graph built in the page and queued from the UI (app.queuePrompt, as the Queue button does); the two save
+// nodes must then show where they wrote. Returns what each shows, or a timeout.
+function buildSaveGraph({ checkpoint, analyzer }) {
+  const { app } = window.comfyAPI.app;
+  app.graph.clear();
+  const add = (type, pos, values = {}) => {
+    const node = LiteGraph.createNode(type);
+    node.pos = pos;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
+    return node;
+  };
+  const loader = add("LoadHyperLoRA", [0, 0], { checkpoint, face_analyzer: analyzer, provider: "cpu", dtype: "fp32" });
+  const photo = add("HLTestFaceImage", [0, 250], { seed: 3 });
+  const identity = add("HyperLoRAFromImage", [350, 0]);
+  const saveLora = add("SaveHyperLoRA", [750, 0], { filename_prefix: "browser/me" });
+  const saveIdentity = add("SaveHyperLoRAIdentity", [750, 250], { filename_prefix: "browser_me" });
+  const link = (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input));
+  link(loader, 0, identity, "hyper_lora"); link(photo, 0, identity, "image");
+  link(loader, 0, saveLora, "hyper_lora"); link(identity, 0, saveLora, "identity");
+  link(identity, 0, saveIdentity, "identity");
+  app.canvas.centerOnNode(saveLora);
+  return { saveLora: saveLora.id, saveIdentity: saveIdentity.id };
+}
+
+async function checkSavedPath(page, config) {
+  const ids = await page.evaluate(buildSaveGraph, config.saves);
+  const shown = (id) => window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((w) => w.name === "saved_to")
+    ?.value ?? null;
+  const before = { lora: await page.evaluate(shown, ids.saveLora), identity: await page.evaluate(shown, ids.saveIdentity) };
+  await page.evaluate(() => window.comfyAPI.app.app.queuePrompt(0, 1));
+  try {
+    await page.waitForFunction((n) => ["saveLora", "saveIdentity"].every((k) => window.comfyAPI.app.app.graph
+      .getNodeById(n[k]).widgets.find((w) => w.name === "saved_to")?.value), ids, { timeout: 90000 });
+  } catch (e) {
+    return { before, error: String(e).slice(0, 300) };
+  }
+  await settle(page);
+  await page.screenshot({ path: path.join(config.tmp, "saved_path.png") });
+  const after = { lora: await page.evaluate(shown, ids.saveLora), identity: await page.evaluate(shown, ids.saveIdentity) };
+  const workflow = await page.evaluate((id) => window.comfyAPI.app.app.graph.serialize().nodes
+    .find((n) => n.id === id).widgets_values, ids.saveLora);
+  return { before, after, widgetsValues: workflow };
+}
+
+// The template browser, opened as a user does (the Browse Templates command), on this package's category:
+// each card's title, description and whether its thumbnail loaded.
+async function checkTemplates(page, config) {
+  await page.evaluate(() => {
+    const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+    return pinia._s.get("command").execute("Comfy.BrowseTemplates");
+  });
+  await page.waitForSelector('[data-testid="template-workflows-content"]', { timeout: 20000 });
+  await page.getByRole("option", { name: config.templates.category, exact: true }).click();
+  await page.waitForSelector(`[data-testid^="template-workflow-"]`, { timeout: 20000 });
+  await page.waitForTimeout(500);
+  const names = await page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+    .map((card) => card.getAttribute("data-testid").slice("template-workflow-".length)));
+  const cards = [];
+  for (const name of names) {
+    const card = page.locator(`[data-testid="template-workflow-${name}"]`);
+    await card.scrollIntoViewIfNeeded();
+    await page.waitForFunction((n) => {
+      const img = document.querySelector(`[data-testid="template-workflow-${n}"] img`);
+      return img && img.complete && img.naturalWidth > 0;
+    }, name, { timeout: 15000 }).catch(() => null);
+    cards.push(await card.evaluate((el) => {
+      const img = el.querySelector("img");
+      return { title: el.querySelector("h3")?.innerText ?? null, description: el.querySelector("p")?.innerText ?? null,
+        thumbnail: img ? { width: img.naturalWidth, height: img.naturalHeight, src: img.src } : null };
+    }));
+  }
+  await page.screenshot({ path: path.join(config.tmp, "templates.png") });
+  const category = await page.evaluate(() => [...document.querySelectorAll('[role="option"]')].map((o) => o.innerText));
+  await page.keyboard.press("Escape");
+  await page.waitForTimeout(300);
+  return { cards, categories: category };
+}
+
+// The frontend's own node search (what the search box shows, in order) for each query: node ids, best first.
+function searchNodes(queries) {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  const service = pinia._s.get("nodeDef").nodeSearchService;
+  return Object.fromEntries(queries.map((q) => [q, service.searchNode(q).slice(0, 12).map((d) => d.name)]));
+}
+
 async function loadWorkflow(page, graph, screenshot) {
   // load through the frontend as a user's drop would, then report what the app opened, showed and drew
   await page.evaluate(() => { window.__seen = { dialogs: [], toasts: [] }; });
@@ -173,7 +317,8 @@ async function loadWorkflow(page, graph, screenshot) {
     unknownTypes: await page.evaluate(() => window.comfyAPI.app.app.graph.nodes
       .filter((n) => !(n.type in LiteGraph.registered_node_types)).map((n) => n.type)),
     guardShown: await page.evaluate(() => window.comfyAPI.app.app.graph.nodes
-      .filter((n) => n.widgets?.some((w) => w.name === "insert trigger words" && !w.hidden)).map((n) => n.type)),
+      .filter((n) => n.title_buttons?.some((b) => b.name === "insert trigger words" && b.visible)
+        || n.widgets?.some((w) => w.name === "insert trigger words" && !w.hidden)).map((n) => n.type)),
   };
   if (screenshot) {
     // the graph alone, larger: no menus, side bar or canvas buttons
@@ -235,6 +380,10 @@ async function main() {
       const shot = config.screenshot?.workflow === file ? config.screenshot.path : null;
       result.workflows[file] = await loadWorkflow(page, graph, shot);
     }
+    if (config.search) result.search = await page.evaluate(searchNodes, config.search);
+    if (config.templates) result.templates = await checkTemplates(page, config);
+    if (config.guardSelected) result.guardSelected = await checkGuardWithPromptSelected(page, config);
+    if (config.saves) result.saves = await checkSavedPath(page, config);
     if (config.guard) {
       const built = await checkGuard(page, config, result);
       // with no example workflows yet, the guard's own graph (words present) stands in for one

@@ -59,6 +59,12 @@ class Run:
         errors = [m["data"] for m in self.messages if m["type"] == "execution_error"]
         return errors[0] if errors else None
 
+    @property
+    def raised_by_us(self) -> bool:
+        """An execution_error whose innermost traceback frame is in this package (nodes/ or hyperlora_core/)."""
+        error = self.error
+        return bool(error and error.get("traceback")) and "ComfyUI-HyperLoRA" in error["traceback"][-1]
+
     def outputs(self, node_id: str) -> dict:
         return self.history.get("outputs", {}).get(node_id, {})
 
@@ -66,19 +72,24 @@ class Run:
 class ComfyServer:
     """``python main.py --cpu`` in ComfyUI's folder with every writable directory under ``root``."""
 
-    def __init__(self, comfyui: Path, root: Path, *, startup_timeout: float = 120.0):
+    def __init__(self, comfyui: Path, root: Path, *, startup_timeout: float = 120.0, extra_args: tuple = ()):
         self.comfyui, self.root, self.port = Path(comfyui), Path(root), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "comfyui.log"
+        self.tmp = self.root / "tmp"
         self.startup_timeout = startup_timeout
+        self.extra_args = tuple(extra_args)  # more main.py arguments, e.g. --extra-model-paths-config
         self.proc: subprocess.Popen | None = None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
     def start(self) -> ComfyServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-api-nodes", "--base-directory", str(self.root), "--preview-method", "none",
-               "--database-url", f"sqlite:///{self.root / 'comfyui.db'}"]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
+               "--database-url", f"sqlite:///{self.root / 'comfyui.db'}", *self.extra_args]
+        self.tmp.mkdir(parents=True, exist_ok=True)  # the server's own TMPDIR: what it leaves there is visible
+        threads = os.environ.get("OMP_NUM_THREADS", "2")  # MKL too: its own spinning threads on a busy CPU made
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,  # a tiny step 5-10x slower
+                   PYTHONUNBUFFERED="1", TMPDIR=str(self.tmp))
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
@@ -133,6 +144,12 @@ class ComfyServer:
                 return r.status, json.loads(body) if body else {}
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss
 
     def alive(self) -> bool:
         return self.get("/system_stats", timeout=10)[0] == 200

@@ -72,6 +72,11 @@ class ServerRoot:
     def output(self) -> Path:
         return self.root / "output"
 
+    @property
+    def identity_folders(self) -> list[Path]:
+        """Where identities are looked up: the extra_model_paths folder (first: saves go there), then the default."""
+        return [self.root / "extra_models" / "identities", self.models / "hyper_lora" / "identities"]
+
 
 def build_root(root: Path, clip_folder: Path) -> Path:
     """models/ (hyper_lora checkpoints + shared CLIP, insightface doubles) and custom_nodes/ (both packs)."""
@@ -83,10 +88,15 @@ def build_root(root: Path, clip_folder: Path) -> Path:
         write_checkpoint(hyper / name, unet=HOST_UNET, clip_dim=TINY_CLIP_WIDTH, seed=seed)
     shutil.copytree(clip_folder, hyper / "clip_vit" / "clip_vit_large_14")
     shutil.copytree(hyper / "tiny_a", hyper / "tiny_gone")
+    shutil.copytree(hyper / "tiny_a", hyper / "tiny_vanishing")  # removed while its prompt waits in the queue
     shutil.copytree(hyper / "tiny_a", hyper / "tiny_corrupt")
     basis = hyper / "tiny_corrupt" / "hyper_lora_modules.safetensors"
     basis.write_bytes(basis.read_bytes()[: basis.stat().st_size // 2])  # an interrupted download
     write_antelopev2(root / "models" / "insightface" / "models" / "antelopev2")
+    extra = root / "extra_models"  # a second identities folder, as extra_model_paths.yaml adds one
+    (extra / "identities").mkdir(parents=True)
+    (root / "extra_model_paths.yaml").write_text(
+        f"hyperlora_tests:\n    base_path: {extra}\n    hyper_lora_identities: identities\n")
     nodes = root / "custom_nodes"
     nodes.mkdir()
     (nodes / "ComfyUI-HyperLoRA").symlink_to(PACKAGE, target_is_directory=True)
@@ -105,7 +115,8 @@ def server(tmp_path_factory, request):
     pytest.importorskip("aiohttp", reason="the host tier follows /ws with aiohttp (a ComfyUI requirement)")
     root = build_root(tmp_path_factory.mktemp("comfy_root"), request.getfixturevalue("tiny_clip_folder"))
     started = time.monotonic()
-    running = ComfyServer(Path(COMFYUI), root).start()
+    running = ComfyServer(Path(COMFYUI), root,
+                          extra_args=("--extra-model-paths-config", str(root / "extra_model_paths.yaml"))).start()
     show(f"\nComfyUI answered in {time.monotonic() - started:.1f} s on {running.url}; log {running.log_path}")
     try:
         yield ServerRoot(running, root)

@@ -9,6 +9,9 @@ import numpy as np
 
 PROMPT = "a photo of fcsks fxhks fhyks, portrait"
 ANALYZER = "models/antelopev2"
+# HyperLoRAFromImage's widgets at their defaults (face_index -1: the largest face)
+FROM_IMAGE = dict(remove_background=True, grayscale=False, face_index=-1, on_failure="error", crop=True,
+                  crop_scale_LRTB="1,1,1,1", safe_crop=True)
 
 
 class Graph:
@@ -41,9 +44,7 @@ def identity(g: Graph, *, checkpoint: str = "tiny_a", image_seed: int = 1, face:
     hl = g.add(f"load{tag}", "LoadHyperLoRA", checkpoint=checkpoint, face_analyzer=ANALYZER, provider="cpu",
                dtype="fp32")
     image = g.add(f"photo{tag}", "HLTestFaceImage", seed=image_seed, face=face)
-    ident = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image),
-                  remove_background=True, grayscale=False, face_index=-1, on_failure="error", crop=True,
-                  crop_scale_LRTB="1,1,1,1", safe_crop=True)
+    ident = g.add(f"from_image{tag}", "HyperLoRAFromImage", hyper_lora=g.out(hl), image=g.out(image), **FROM_IMAGE)
     return g.out(hl), g.out(ident)
 
 

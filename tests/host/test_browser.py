@@ -28,11 +28,14 @@ WORKFLOWS = [p.name for p in EXAMPLES] or [BUILT]
 DOCS_IMAGE = ROOT / "docs" / "images" / "workflow.png"
 TRIGGER = "fcsks fxhks fhyks"
 GUARD_BUTTON = "insert trigger words"
+# the category title our locales/en/main.json gives the package folder in the template browser
+TEMPLATE_CATEGORY = json.loads((ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"][
+    "ComfyUI-HyperLoRA"]
 
 
 def screenshot_example() -> Path | None:
     """The single-photo portrait example if there is one, else the first."""
-    portraits = [p for p in EXAMPLES if "portrait" in p.name]
+    portraits = [p for p in EXAMPLES if "portrait" in p.name.lower()]
     return (portraits or EXAMPLES or [None])[0]
 
 
@@ -60,7 +63,10 @@ def seen(request, tmp_path_factory) -> dict:
     shot = screenshot_example()
     config = {"url": server.url + "/", "chromium": shutil.which(os.environ.get("CHROMIUM", "chromium")),
               "workflows": [str(p) for p in EXAMPLES], "guard": True, "words": TRIGGER, "tmp": str(tmp),
-              "screenshot": {"workflow": str(shot) if shot else None, "path": str(tmp / "workflow.png")}}
+              "screenshot": {"workflow": str(shot) if shot else None, "path": str(tmp / "workflow.png")},
+              "guardSelected": {"workflow": str(shot)} if shot else None,
+              "saves": {"checkpoint": "tiny_a", "analyzer": "models/antelopev2"}, "search": ["hyperlora", "face"],
+              "templates": {"category": TEMPLATE_CATEGORY} if EXAMPLES else None}
     (tmp / "config.json").write_text(json.dumps(config))
     started = time.monotonic()
     run = subprocess.run(["node", str(BROWSER / "driver.cjs"), str(tmp / "config.json")], cwd=BROWSER,
@@ -74,6 +80,7 @@ def seen(request, tmp_path_factory) -> dict:
              "(ComfyUI without spandrel lacks UpscaleModelLoader)")
     result["workflows"] = {Path(k).name if k != BUILT else k: v for k, v in result["workflows"].items()}
     result["screenshot"] = tmp / "workflow.png"
+    result["tmp"] = tmp
     return result
 
 
@@ -133,3 +140,50 @@ def test_guard_changes_nothing_saved_or_queued(seen):
     serialized = seen["guard"]["serialized"]
     assert GUARD_BUTTON not in serialized["inputs"]
     assert serialized["widgets_values"] == [0.85, 0]  # id_strength, base_strength: no value for the button
+
+
+def test_guard_button_stays_visible_with_the_prompt_selected(seen):
+    """Issue 16 point 12: in the portrait example, the prompt (just below Apply HyperLoRA) selected by a click; its
+    selection toolbox shows, and the guard's button is neither under it nor anything else, and a click works."""
+    state = seen["guardSelected"]
+    show(f"\nguard with the prompt selected: toolbox at {state['toolbox']}, button at "
+         f"({state['before']['x']:.0f}, {state['before']['y']:.0f}), covered by {state['before']['covered']}")
+    assert state["selected"] and state["toolbox"] is not None, state  # the situation of the report, reproduced
+    assert state["before"]["shown"] and state["before"]["covered"] is None, state
+    assert state["after"] is False and state["prompt"].startswith(TRIGGER), state
+
+
+def test_save_nodes_show_where_they_wrote(seen):
+    """Point 9: queued from the UI, Save HyperLoRA as LoRA and Save HyperLoRA Identity show the saved path on the
+    node; the line is not saved with the workflow."""
+    saves = seen["saves"]
+    assert "error" not in saves, saves
+    show(f"\nsave nodes show: {saves['after']}")
+    assert saves["before"] == {"lora": "", "identity": ""}, saves
+    assert saves["after"]["lora"].startswith("models/loras/browser/me_"), saves
+    assert saves["after"]["lora"].endswith(".safetensors"), saves
+    assert saves["after"]["identity"].startswith("models/hyper_lora/identities/browser_me_"), saves
+    assert saves["widgetsValues"] == ["browser/me"], saves
+
+
+def test_template_cards_have_titles_and_thumbnails(seen):
+    """Point 10: this package's category in the template browser, one card per example, titled by its name, with
+    its drawn thumbnail (title and one-line description)."""
+    templates = seen["templates"]
+    cards = templates["cards"]
+    show(f"\ntemplate cards: {[c['title'] for c in cards]}")
+    assert TEMPLATE_CATEGORY in templates["categories"], templates["categories"]
+    assert sorted(c["title"] for c in cards) == sorted(p.stem for p in EXAMPLES), cards
+    assert all(c["title"].startswith("HyperLoRA ") and "_" not in c["title"] for c in cards), cards
+    assert all(c["thumbnail"] and (c["thumbnail"]["width"], c["thumbnail"]["height"]) == (512, 384)
+               for c in cards), cards
+
+
+def test_search_puts_the_loader_and_the_face_node_first(seen):
+    """Point 11: the frontend's own search (1.27.10 matches node ids and display names, an exact name first, then
+    prefixes by length): "hyperlora" starts with the loader, "face" with the node that reads face photos."""
+    found = {q: [n for n in names if not n.startswith("HLTest")] for q, names in seen["search"].items()}  # test pack
+    show(f"\nsearch: {found}")
+    assert found["hyperlora"][0] == "LoadHyperLoRA", found
+    assert "HyperLoRAFromImage" in found["hyperlora"][:3], found
+    assert found["face"][0] == "HyperLoRAFromImage", found

@@ -287,7 +287,7 @@ def test_docs_api_recipe_works(server, tmp_path):
     photo = tmp_path / "me.png"
     Image.fromarray((tiny.face_photo(seed=5)[0].numpy() * 255).round().astype(np.uint8)).save(photo)
 
-    prompt = for_tiny_models(load("hyperlora_portrait", api=True), keep_photos=True)
+    prompt = for_tiny_models(load("HyperLoRA portrait from one photo", api=True), keep_photos=True)
     prompt[helpers["node"](prompt, "Photo of the person")]["inputs"]["image"] = helpers["upload_image"](photo)
     prompt[helpers["node"](prompt, "KSampler")]["inputs"]["seed"] = 1234
     entry = helpers["wait"](helpers["queue"](prompt), timeout=300)

@@ -9,10 +9,17 @@ Only core nodes and ours; each workflow has a Note naming its models and the tri
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script: the core's constants (download sources, the doctor's command)
+    sys.path.insert(0, str(ROOT))
+
+from hyperlora_core.doctor import COMMAND as DOCTOR_COMMAND  # noqa: E402
+from hyperlora_core.sources import SOURCES  # noqa: E402
+
 OUT = ROOT / "example_workflows"
 TRIGGER = "fcsks fxhks fhyks"
 CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in the API format
@@ -63,9 +70,9 @@ SPECS = {
                                     "strength set_cond_area", "CONDITIONING:CONDITIONING"),
     "ConditioningCombine": _s("Conditioning (Combine)", "conditioning_1:CONDITIONING conditioning_2:CONDITIONING", "",
                               "CONDITIONING:CONDITIONING"),
-    "LoadHyperLoRA": _s("Load HyperLoRA", "clip_vision?:CLIP_VISION", "checkpoint face_analyzer provider dtype",
+    "LoadHyperLoRA": _s("HyperLoRA", "clip_vision?:CLIP_VISION", "checkpoint face_analyzer provider dtype",
                         "hyper_lora:HYPER_LORA"),
-    "HyperLoRAFromImage": _s("HyperLoRA Identity from Image", "hyper_lora:HYPER_LORA image:IMAGE",
+    "HyperLoRAFromImage": _s("HyperLoRA Face", "hyper_lora:HYPER_LORA image:IMAGE",
                              "remove_background grayscale face_index on_failure crop crop_scale_LRTB safe_crop",
                              "identity:HYPER_LORA_IDENTITY face_crops:IMAGE"),
     "ApplyHyperLoRA": _s("Apply HyperLoRA", "model:MODEL hyper_lora:HYPER_LORA identity:HYPER_LORA_IDENTITY",
@@ -111,8 +118,9 @@ class Node:
 
 @dataclass
 class Workflow:
-    name: str
+    name: str  # the file name: ComfyUI 0.3.64 / frontend 1.27.10 show it as the template card's title
     title: str  # what the thumbnail says
+    description: str = ""  # one line under the title on the thumbnail (the card's own text is the file name)
     nodes: list[Node] = field(default_factory=list)
     links: list[tuple[int, int, int, int, int, str]] = field(default_factory=list)  # id, from, slot, to, slot, type
     groups: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
@@ -222,18 +230,14 @@ ANALYZER = "models/antelopev2"
 NEGATIVE = "blurry, lowres, deformed face, bad anatomy, watermark, text"
 POSITIVE = f"{TRIGGER}, a close-up portrait photo of a person, soft window light, 85mm, detailed skin"
 
-MODELS = f"""Models (put them here, then press R to refresh the lists):
-- HyperLoRA checkpoint folder: models/hyper_lora/{HYPER}/ (hyper_lora_modules.json + the three .safetensors)
-- CLIP ViT-L/14 (HF format, config.json + model.safetensors): models/hyper_lora/clip_vit/clip_vit_large_14/
-  (or connect a Load CLIP Vision with clip-vit-large-patch14 to Load HyperLoRA's clip_vision input)
-- insightface antelopev2 (scrfd_10g_bnkps, 2d106det, glintr100, genderage, 1k3d68 .onnx): \
-models/insightface/models/antelopev2/"""
+MODELS = "\n".join(["Models (download them, put them here, then press R to refresh the lists):",
+                    *(f"- {source.line()}" for source in SOURCES)])
 CLIP_SKIP = -2  # the authors trained with stop_at_clip_layer = -2
 SDXL = ("- an SDXL checkpoint: models/checkpoints/ (SDXL only: SD1.5, SD3 and Flux cannot use HyperLoRA)\n\n"
         f"CLIP skip: CLIP Set Last Layer at {CLIP_SKIP} sits between the checkpoint and the prompts, as HyperLoRA "
         "was trained; keep it.")
 TRIGGERS = (f"The prompt MUST contain the trigger words  {TRIGGER}  or the identity does nothing. "
-            "LoRA weight 0.75-0.85. Check everything with: python -m hyperlora_core doctor --models ComfyUI/models")
+            f"LoRA weight 0.75-0.85. Check everything, from ComfyUI's folder: {DOCTOR_COMMAND}")
 
 
 def note_text(what: str, *extra: str) -> str:
@@ -311,7 +315,8 @@ def applied(w: Workflow, ckpt: Node, hyper: Node, ident: Node, pos) -> Node:
 
 # -- the workflows ------------------------------------------------------------------------------------------------
 def portrait() -> Workflow:
-    w = Workflow("hyperlora_portrait", "Portrait from one photo")
+    w = Workflow("HyperLoRA portrait from one photo", "Portrait from one photo",
+                 "One face photo -> an identity LoRA -> SDXL portraits of that person")
     w.note(note_text("One photo of a face -> an identity LoRA -> SDXL portraits of that person.", SDXL), (0, -340))
     hyper, _, ident = identity_chain(w, 0, 0)
     ckpt = checkpoint(w, (360, 460))
@@ -323,7 +328,8 @@ def portrait() -> Workflow:
 
 
 def several_photos() -> Workflow:
-    w = Workflow("hyperlora_several_photos", "Several photos of one person")
+    w = Workflow("HyperLoRA with several photos of one person", "Several photos of one person",
+                 "Photos of one person averaged into one steadier identity")
     w.note(note_text("Several photos of ONE person, averaged into one identity (steadier than a single photo). "
                      "Upscale Image makes them one size (centre crop) so they can be batched; keep the face "
                      "inside the centre square. Add photos with more Load Image + Upscale Image + Batch Images.",
@@ -353,7 +359,8 @@ def several_photos() -> Workflow:
 
 
 def controlnet() -> Workflow:
-    w = Workflow("hyperlora_controlnet", "Identity + ControlNet pose")
+    w = Workflow("HyperLoRA identity with a ControlNet pose", "Identity + ControlNet pose",
+                 "The face from one photo, the pose from a second image")
     w.note(note_text("The identity with a ControlNet: the pose (or edges, depth) comes from the second image.",
                      SDXL, "- an SDXL ControlNet (openpose, canny or depth): models/controlnet/, with a matching "
                      "pose / edge / depth image in the Pose image node"), (0, -380), size=(420, 340))
@@ -376,7 +383,8 @@ def controlnet() -> Workflow:
 
 
 def concept_slider() -> Workflow:
-    w = Workflow("hyperlora_concept_slider", "Concept slider between two photos")
+    w = Workflow("HyperLoRA concept slider between two photos", "Concept slider between two photos",
+                 "Slide from one photo's identity to another's (neutral to smiling)")
     w.note(note_text("A slider between two photos (e.g. the same person neutral / smiling, young / old). "
                      "strength +1 moves toward the end photo, -1 toward the start; try -2..2. weight mode: the "
                      "exact LoRA difference; coefficient mode: moves the identity itself.", SDXL), (0, -340))
@@ -396,7 +404,8 @@ def concept_slider() -> Workflow:
 
 
 def two_people() -> Workflow:
-    w = Workflow("hyperlora_two_people", "Two people, one identity per half")
+    w = Workflow("HyperLoRA two people in one picture", "Two people, one identity per half",
+                 "Two identities as hooks on the left and right halves of one picture")
     width, height = 1216, 832
     w.note(note_text("Two people in one picture: each identity becomes HOOKS (HyperLoRA Identity Hook) that act "
                      "only on its own prompt, and Cond Set Props limits each prompt to one half of the image "
@@ -444,7 +453,8 @@ def two_people() -> Workflow:
 
 
 def save_lora() -> Workflow:
-    w = Workflow("hyperlora_save_lora", "Save the LoRA and the identity")
+    w = Workflow("HyperLoRA save the LoRA for other tools", "Save the LoRA and the identity",
+                 "The identity as a LoRA file (A1111, Forge, kohya) and an identity file")
     w.note(note_text("Save the identity as a normal LoRA file (models/loras/hyperlora/, kohya keys: ComfyUI's Load "
                      "LoRA, A1111/Forge and kohya load it; use it with the trigger words at weight 0.75-0.85) and "
                      "as a small identity file (models/hyper_lora/identities/, for Load HyperLoRA Identity). "
@@ -459,7 +469,8 @@ def save_lora() -> Workflow:
 
 
 def refine() -> Workflow:
-    w = Workflow("hyperlora_refine", "Refine the identity (fast fine-tuning)")
+    w = Workflow("HyperLoRA refine the identity by fine-tuning", "Refine the identity (fast fine-tuning)",
+                 "About 50 fine-tuning steps from the prediction, for a closer likeness")
     w.note(note_text("About 50 fine-tuning steps on the photo, starting from the HyperLoRA prediction "
                      "(HyperDreamBooth-style): a closer likeness than the zero-shot identity. The photo, flipped and "
                      "slightly cropped, is the training target; the positive prompt is the training prompt. It is "
@@ -506,7 +517,7 @@ def thumbnail(w: Workflow, path: Path, size=(512, 384)) -> None:
     y0 = min(b[1] for b in boxes.values())
     x1 = max(b[0] + b[2] for b in boxes.values())
     y1 = max(b[1] + b[3] for b in boxes.values())
-    top, pad = 44, 10
+    top, pad = 62, 10
     scale = min((size[0] - 2 * pad) / (x1 - x0), (size[1] - top - pad) / (y1 - y0))
 
     def at(x, y):
@@ -515,10 +526,11 @@ def thumbnail(w: Workflow, path: Path, size=(512, 384)) -> None:
     image = Image.new("RGB", size, "#202020")
     draw = ImageDraw.Draw(image)
     try:
-        font, small = ImageFont.load_default(18), ImageFont.load_default(9)
+        font, caption, small = ImageFont.load_default(18), ImageFont.load_default(13), ImageFont.load_default(9)
     except TypeError:  # Pillow < 10.1: one bitmap size
-        font = small = ImageFont.load_default()
-    draw.text((pad, 10), f"HyperLoRA: {w.title}", fill="#f0f0f0", font=font)
+        font = caption = small = ImageFont.load_default()
+    draw.text((pad, 8), f"HyperLoRA: {w.title}", fill="#f0f0f0", font=font)
+    draw.text((pad, 34), w.description, fill="#c8c8c8", font=caption)
     for _, src, slot, dst, dslot, kind in w.links:
         sx, sy, sw, _ = boxes[src]
         dx, dy, _, _ = boxes[dst]

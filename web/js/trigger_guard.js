@@ -2,6 +2,8 @@
 // When Apply HyperLoRA (through the patched MODEL) or HyperLoRA Identity Hook (through its HOOKS) reaches a
 // sampler or conditioning whose positive prompt lacks them, the node shows a warning and an
 // "insert trigger words" button that puts them in front of that prompt.
+// The button sits in the node's own title bar: a widget at the bottom of the node was hidden under the selection
+// toolbox of a prompt node placed just below it, exactly while that prompt was selected for editing.
 // Nothing else changes: the button is neither saved in the workflow nor sent with the prompt.
 import { app } from "../../../scripts/app.js";
 
@@ -65,34 +67,62 @@ function insertTrigger(node) {
   node.graph.setDirtyCanvas(true, true);
 }
 
+const LABEL = "⚠ insert trigger words";
+const BUTTON_FONT = "bold 11px sans-serif";
+
+function addGuardButton(node) {
+  // a title-bar button (LGraphButton): drawn here as a red pill; hidden while its text is empty
+  const button = node.addTitleButton({ name: "insert trigger words", text: "", fontSize: 11, height: 18 });
+  button.getWidth = function (ctx) {
+    if (!this.visible) return 0;
+    const { font } = ctx;
+    ctx.font = BUTTON_FONT;
+    const width = ctx.measureText(this.text).width + 12;
+    ctx.font = font;
+    return width;
+  };
+  button.draw = function (ctx, x, y) {
+    if (!this.visible) return;
+    const width = this.getWidth(ctx);
+    this._last_area[0] = x - 4;
+    this._last_area[1] = y;
+    this._last_area[2] = width;
+    this._last_area[3] = this.height;
+    ctx.save();
+    ctx.fillStyle = "#b33";
+    ctx.beginPath();
+    ctx.roundRect(x - 4, y, width, this.height, 5);
+    ctx.fill();
+    ctx.font = BUTTON_FONT;
+    ctx.fillStyle = "#fff";
+    ctx.textAlign = "left";
+    ctx.textBaseline = "middle";
+    ctx.fillText(this.text, x + 2, y + this.height / 2 + 1);
+    ctx.restore();
+  };
+  return button;
+}
+
 app.registerExtension({
   name: "HyperLoRA.TriggerWordGuard",
   nodeCreated(node) {
     if (!(node.comfyClass in GUARDED)) return;
-    const button = node.addWidget("button", "insert trigger words", null, () => insertTrigger(node),
-      { serialize: false });
-    Object.assign(button, { label: "⚠ insert trigger words", serialize: false, hidden: true });
-    node.setSize([node.size[0], node.computeSize()[1]]); // addWidget made room for the button: hidden for now
+    const button = addGuardButton(node);
+    const click = node.onTitleButtonClick;
+    node.onTitleButtonClick = function (clicked, canvas) {
+      if (clicked === button) insertTrigger(node);
+      else click?.apply(this, arguments);
+    };
     let checked = 0;
-    let heights = null; // [before, after] when showing the button grew the node
     node.hyperloraCheck = () => {
       checked = Date.now();
-      const hidden = missingPrompts(node).length === 0;
-      if (hidden === button.hidden) return;
-      button.hidden = hidden;
-      if (!hidden) {
-        const before = node.size[1];
-        node.expandToFitContent();
-        heights = node.size[1] > before ? [before, node.size[1]] : null;
-      } else if (heights && node.size[1] === heights[1]) {
-        node.setSize([node.size[0], heights[0]]); // give the room back unless the user resized since
-      }
+      button.text = missingPrompts(node).length ? LABEL : "";
     };
     const draw = node.onDrawForeground;
     node.onDrawForeground = function (ctx) {
       const result = draw?.apply(this, arguments);
       if (Date.now() - checked > CHECK_MS && this.graph) this.hyperloraCheck();
-      if (!button.hidden) {
+      if (button.visible) {
         const message = `⚠ the prompt lacks "${TRIGGER}": the identity has no effect`;
         const y = -LiteGraph.NODE_TITLE_HEIGHT - 24;
         ctx.save();

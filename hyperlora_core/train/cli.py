@@ -1,0 +1,149 @@
+"""``python -m hyperlora_core.train run|export|prepare``: the same command on one device or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import HyperLoRAError
+from .config import TrainConfig, load_config
+
+log = logging.getLogger("hyperlora_core.train")
+
+
+def build_backend(config: TrainConfig):
+    """(denoiser, training data) for ``config.data``."""
+    data = config.data
+    if data.backend == "toy":
+        from .toy import SyntheticIdentities, ToyDenoiser, pretrain
+
+        identities = SyntheticIdentities(data.toy_identities, data.toy_images, clip_dim=config.model.clip_dim,
+                                         embed_dim=config.model.embed_dim)
+        return pretrain(ToyDenoiser(), identities, steps=data.toy_pretrain), identities
+    import importlib
+
+    from ..clip import ClipVisionEncoder
+    from .shards import ShardDataset
+
+    backend = importlib.import_module("train_comfy.backend")  # the host side: ComfyUI as a library
+    denoiser, vae = backend.load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None,
+                                                device=config.run.device, resolution=data.resolution)
+    clip = ClipVisionEncoder.from_folder(data.clip_vision, device=denoiser.device)
+    encode = backend.shard_encoder(vae, clip, resolution=data.resolution, device=denoiser.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return denoiser, ShardDataset(data.shards, rank=rank, world=world, encode=encode)
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .loop import Trainer, latest_checkpoint
+
+    config = load_config(args.config)
+    if args.shard:
+        config = config.replace(run={"shard": True})
+    if args.steps:
+        config = config.replace(optim={"steps": args.steps})
+    _init_distributed()
+    denoiser, data = build_backend(config)
+    validate = None
+    if config.data.backend == "toy":
+        from .validate import toy_validation
+
+        validate = toy_validation(denoiser, data, config.stage)
+    trainer = Trainer(config, denoiser, data, validate=validate)
+    resume = latest_checkpoint(config.run.out) if args.resume == "auto" else args.resume
+    if resume:
+        trainer.resume(resume)
+        log.info("resumed from %s at step %d", resume, trainer.step)
+    trainer.train(until=args.until)
+    if trainer.step >= config.optim.steps and args.export:
+        _export(trainer, Path(args.export))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def _export(trainer, folder: Path) -> None:
+    from .export import export_checkpoint
+    from .hypernet import HyperNetwork
+
+    weights = trainer.full_weights()
+    if trainer.rank == 0:
+        net = HyperNetwork(trainer.config.model, trainer.denoiser.targets, trainer.denoiser.unet)
+        net.load_state_dict(weights, strict=True)
+        export_checkpoint(net, folder, training={"step": trainer.step, "config": trainer.config.to_dict()})
+        sys.stdout.write(f"exported {folder}\n")
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    """A training checkpoint (step folder) -> the released format, using its stored config."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..topology import UNetSpec, resolve
+    from .export import export_checkpoint
+    from .hypernet import HyperNetwork
+
+    step = Path(args.checkpoint)
+    if not (step / "state.json").is_file():
+        raise FileNotFoundError(f"'{step}' is not a training checkpoint (no state.json); give a step_<n> folder")
+    state = json.loads((step / "state.json").read_text())
+    config = TrainConfig.from_dict(state["config"])
+    unet = state["unet"]
+    net = HyperNetwork(config.model, [resolve(n) for n in state["targets"]],
+                       UNetSpec(unet["name"], tuple(unet["level_widths"]), unet["context_dim"]))
+    weights = load_file(str(step / "weights.safetensors"))
+    if not args.no_ema and (step / "ema.safetensors").exists():
+        weights.update(load_file(str(step / "ema.safetensors")))
+    net.load_state_dict(weights, strict=True)
+    export_checkpoint(net, args.out, training={"step": state["step"], "config": state["config"]})
+    sys.stdout.write(f"exported {args.out}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperlora_core.train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train one stage (also under torchrun --nproc_per_node N)")
+    run.add_argument("--config", required=True, help="the stage's TOML file ([model] [stage] [optim] [run] [data])")
+    run.add_argument("--shard", action="store_true", help="FSDP fully_shard the hypernetwork (bases + optimiser)")
+    run.add_argument("--resume", default="auto", help="'auto' (latest step_* in run.out), a step folder, or ''")
+    run.add_argument("--until", type=int, default=None, help="stop after this step (a later run resumes)")
+    run.add_argument("--steps", type=int, default=None, help="override optim.steps")
+    run.add_argument("--export", default="", help="after the last step, write the released format here")
+    exp = sub.add_parser("export", help="a training checkpoint -> the released checkpoint folder (fp16)")
+    exp.add_argument("checkpoint", help="a step_<n> folder written by run")
+    exp.add_argument("--out", required=True, help="checkpoint folder to write")
+    exp.add_argument("--no-ema", action="store_true", help="export the raw weights even if there is an EMA")
+    prep = sub.add_parser("prepare", help="a folder of portraits -> tar shards (faces analysed once, filtered)")
+    from .prepare import add_arguments
+
+    add_arguments(prep)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "export":
+            return _export_cmd(args)
+        from .prepare import run_prepare
+
+        return run_prepare(args)
+    except (HyperLoRAError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1

@@ -1,0 +1,128 @@
+"""Host tier: the trainer's ComfyUI backend on the tiny SDXL built from ComfyUI's classes. Its LoRA hooks target
+the linears our Apply node patches: a prediction with the trainer's in-graph LoRA equals ComfyUI's own LoRA
+patching (load_lora_for_models, as ApplyHyperLoRA does) of the exported checkpoint's LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from comfy_server import show
+from nodepack import tiny
+
+from hyperlora_core import load_hyperlora
+from hyperlora_core.train.config import TrainConfig
+from hyperlora_core.train.export import export_checkpoint
+from hyperlora_core.train.loop import Trainer
+from hyperlora_core.train.toy import SyntheticIdentities
+
+MODEL = dict(k=8, id_rank=4, dim=32, depth=1, heads=2, dim_head=16, id_tokens=4, clip_dim=32, up_basis_std=0.05)
+
+
+@pytest.fixture(scope="module")
+def backend(comfy):
+    from train_comfy.backend import ComfyDenoiser
+
+    patcher = tiny.tiny_sdxl(seed=0)
+    return patcher, ComfyDenoiser(patcher, tiny.tiny_clip(0), resolution=64)
+
+
+def test_targets_are_the_140_sdxl_modules(backend):
+    _, denoiser = backend
+    assert len(denoiser.targets) == 140
+    assert denoiser.unet.level_widths == tiny.host_unet().level_widths
+    assert denoiser.unet.context_dim == tiny.host_unet().context_dim
+
+
+@pytest.fixture(scope="module")
+def trained(backend, tmp_path_factory):
+    """Stages 1 and 3 (3 steps each) on the tiny SDXL; (hypernetwork, fp32 export folder, data)."""
+    _, denoiser = backend
+    tmp = tmp_path_factory.mktemp("train_comfy")
+    data = SyntheticIdentities(identities=2, images=4, held_out=1, channels=4, side=8, clip_dim=32)
+    init, losses = "", []
+    for stage in (1, 3):
+        config = TrainConfig().replace(model=MODEL, stage={"stage": stage, "init": init},
+                                       optim={"steps": 3, "lr": 1e-3, "warmup": 1},
+                                       run={"out": str(tmp / f"s{stage}"), "batch": 2, "log_every": 1})
+        trainer = Trainer(config, denoiser, data)
+        losses.append(trainer.train(progress=False))
+        init = str(trainer.save())
+    assert all(math.isfinite(s["loss"]) and s["grad_norm"] > 0 for s in losses)
+    net = trainer.net.eval()
+    return net, export_checkpoint(net, tmp / "export", dtype=torch.float32), data
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(backend, trained):
+    """With checkpointing, the UNet blocks run again in backward and the hypernetwork's gradients are unchanged."""
+    _, denoiser = backend
+    net, _, data = trained
+    sample = data.get([0, 1])
+    t = torch.tensor([300, 700])
+    noise = torch.randn(sample.latents.shape, generator=torch.Generator().manual_seed(0))
+    context = denoiser.encode_text(sample.captions)
+    grads = {}
+    for on in (False, True):
+        denoiser.gradient_checkpointing, before = on, denoiser.recomputed
+        net.zero_grad()
+        factors = net(sample.clip, sample.arcface, None)["id"]
+        pred = denoiser.predict(denoiser.noisy(sample.latents, noise, t), t, context, factors)
+        pred.pow(2).mean().backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        grads[f"recomputed {on}"] = denoiser.recomputed - before
+    denoiser.gradient_checkpointing = False
+    worst = float((grads[True] - grads[False]).abs().max() / grads[False].abs().max())
+    show(f"\ncheckpointing: {grads['recomputed True']} block forwards recomputed; gradient difference {worst:.1e}")
+    assert grads["recomputed False"] == 0 and grads["recomputed True"] >= 20
+    assert worst < 1e-5
+
+
+def test_the_export_patches_like_apply(comfy, backend, trained):
+    patcher, denoiser = backend
+    net, folder, data = trained
+    hl = load_hyperlora(folder, unet=tiny.host_unet())
+    sample = data.get([0], held_out=True)
+    identity = hl.predict_identity(clip_tokens=sample.clip, id_embeds=sample.arcface)
+    lora = hl.identity_to_lora(identity, kind="id", key_format="comfy")
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([600])
+    x_t = denoiser.noisy(x0, torch.randn(x0.shape, generator=g), t)
+    context = denoiser.encode_text(["a photo of fcsks fxhks fhyks"])
+    with torch.no_grad():
+        hooked = denoiser.predict(x_t, t, context, net(sample.clip, sample.arcface, None)["id"])
+        plain = denoiser.predict(x_t, t, context, None)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+        patched.patch_model()
+        try:
+            stock = denoiser.predict(x_t, t, context, None)
+        finally:
+            patched.unpatch_model()
+        again = denoiser.predict(x_t, t, context, None)
+    effect = float((hooked - plain).abs().max())
+    worst = float((hooked - stock).abs().max())
+    show(f"\ntrainer hooks vs ComfyUI LoRA patching of the export: max |diff| {worst:.2e}; LoRA effect {effect:.2e}")
+    assert effect > 1e-4  # the LoRA does something, so the comparison can fail
+    assert worst < 1e-3 * effect
+    assert torch.equal(again, plain)  # unpatched: the shared model is back as it was
+
+
+def test_the_export_runs_in_our_nodes(server, trained):
+    """The exported folder in models/hyper_lora: LoadHyperLoRA -> HyperLoRAFromImage -> ApplyHyperLoRA -> KSampler
+    over /prompt in the real ComfyUI, and the identity changes the picture."""
+    import shutil
+
+    import numpy as np
+    from graphs import generation, saved_image
+
+    shutil.copytree(trained[1], server.models / "hyper_lora" / "trained_tiny")
+    run = server.server.run(generation(prefix="trained_identity", seed=1, checkpoint="trained_tiny").prompt())
+    assert run.status == "success", (run.error, run.response)
+    assert {"load", "from_image", "apply", "sampler"} <= set(run.executed)
+    plain = server.server.run(generation(prefix="trained_plain", seed=1, with_identity=False).prompt())
+    assert plain.status == "success", (plain.error, plain.response)
+    changed = np.abs(saved_image(server, run).astype(int) - saved_image(server, plain).astype(int))
+    show(f"\ntrained export vs no identity: {np.mean(changed > 0):.1%} of pixel values differ, max {changed.max()}")
+    assert changed.max() > 0

@@ -1,0 +1,196 @@
+"""The trainer's ComfyUI backend: a base model loaded by ComfyUI's own loaders, used as a library.
+
+:class:`ComfyDenoiser` implements ``hyperlora_core.train.denoiser.Denoiser`` on a ComfyUI model: the targets are
+the attention linears under the names our Apply node patches (``diffusion_model.<sgm name>.to_q`` ...); the
+per-sample LoRA factors are added by forward hooks on those linears, so the frozen weights are never copied;
+noising and the loss follow the model's own ``model_sampling`` (the loss is the MSE of the model output: ε for
+eps models, v for v-prediction), as the refine node does. The text side (CLIP-L + CLIP-G for SDXL) is encoded
+once per distinct caption and cached. Letters: ``b`` samples, ``n`` tokens, ``i``/``o`` widths, ``r`` rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyperlora_core.topology import LINEARS, AttnModule, UNetSpec, comfy_key, sdxl_modules
+from hyperlora_core.train.denoiser import Batch, Factors
+
+CACHE_CAPTIONS = 4096  # distinct captions whose text encoding is kept
+
+
+def find_targets(diffusion_model: torch.nn.Module,
+                 ) -> tuple[tuple[AttnModule, ...], UNetSpec, dict[str, torch.nn.Module]]:
+    """The SDXL attention modules this UNet has (SGM order), their widths, and {comfy key: linear module}."""
+    named = dict(diffusion_model.named_modules())
+    targets, linears = [], {}
+    for module in sdxl_modules():
+        if f"{module.sgm}.to_q" not in named:
+            continue
+        targets.append(module)
+        for linear, suffix, _ in LINEARS:
+            linears[comfy_key(module, linear)] = named[f"{module.sgm}.{suffix}"]
+    if not targets:
+        raise ValueError("the base model has none of the SDXL attention modules (input_blocks.4.1... attn1/attn2); "
+                         "HyperLoRA training targets SDXL-topology UNets")
+    widths = {}
+    context = None
+    for m in targets:
+        widths.setdefault(m.level, named[f"{m.sgm}.to_q"].in_features)
+        if m.cross and context is None:
+            context = named[f"{m.sgm}.to_k"].in_features
+    unet = UNetSpec(name="the base model", level_widths=(widths.get(0, widths.get(1)), widths.get(1, widths.get(0))),
+                    context_dim=context)
+    return tuple(targets), unet, linears
+
+
+class ComfyDenoiser:
+    """A frozen ComfyUI SDXL model (``ModelPatcher``) and its text encoder (``comfy.sd.CLIP``) as a Denoiser."""
+
+    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024) -> None:
+        self.patcher, self.clip, self.resolution = patcher, clip, resolution
+        self.model = patcher.model
+        self.device = torch.device(device)
+        self.model.to(self.device).requires_grad_(False).eval()
+        self.sampling = self.model.model_sampling
+        self.num_timesteps = len(self.sampling.sigmas)
+        self.targets, self.unet, linears = find_targets(self.model.diffusion_model)
+        self.gradient_checkpointing = False  # recompute each UNet block's activations in backward (the trainer sets it)
+        self.recomputed = 0  # block forwards run again in backward (shows the checkpointing works)
+        self._lora: Factors | None = None
+        self._captions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, linear in linears.items():
+            linear.register_forward_hook(self._hook(key))
+        diffusion = self.model.diffusion_model
+        for name in ("input_blocks", "middle_block", "output_blocks"):
+            part = getattr(diffusion, name, None)
+            for block in (part if isinstance(part, torch.nn.ModuleList) else [part] if part is not None else []):
+                for layer in block.children():  # ComfyUI's UNet calls the layers of each block, not the block
+                    layer.forward = self._checkpointed(layer.forward)
+
+    def _checkpointed(self, forward):
+        """A block forward that, when checkpointing is on and gradients are recorded, keeps no activations and
+        recomputes them in backward with the LoRA factors of the forward it belongs to."""
+        def run(*args, **kwargs):
+            if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+                return forward(*args, **kwargs)
+            lora, first = self._lora, [True]
+
+            def body(*a, **k):
+                previous, self._lora = self._lora, lora
+                if not first[0]:
+                    self.recomputed += 1
+                first[0] = False
+                try:
+                    return forward(*a, **k)
+                finally:
+                    self._lora = previous
+            return torch.utils.checkpoint.checkpoint(body, *args, use_reentrant=False, **kwargs)
+        return run
+
+    def _hook(self, key: str):
+        def add_lora(module, inputs, output):
+            if self._lora is None or key not in self._lora:
+                return output
+            down, up = self._lora[key]
+            x = inputs[0]
+            hidden = torch.einsum("bni,bri->bnr", x, down.to(x.dtype))
+            return output + torch.einsum("bnr,bor->bno", hidden, up.to(x.dtype)).to(output.dtype)
+        return add_lora
+
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{"c_crossattn": [b, 77, context], "y": [b, adm]} (SDXL's size conditioning at the training resolution)."""
+        conds, ys = [], []
+        for caption in captions:
+            if caption not in self._captions:
+                with torch.no_grad():
+                    cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+                    side = self.resolution
+                    y = self.model.encode_adm(pooled_output=pooled, width=side, height=side, crop_w=0, crop_h=0,
+                                              target_width=side, target_height=side)
+                if len(self._captions) >= CACHE_CAPTIONS:
+                    self._captions.pop(next(iter(self._captions)))
+                self._captions[caption] = (cond.to(self.device), y.to(self.device))
+            cond, y = self._captions[caption]
+            conds.append(cond)
+            ys.append(y)
+        return {"c_crossattn": torch.cat(conds), "y": torch.cat(ys)}
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sampling.sigmas.to(self.device)[t.to(self.device)]
+
+    def _out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """d(denoised)/d(model output) per sample: dividing x0 errors by it gives the output-space error."""
+        ones = torch.ones((len(sigma), 1, 1, 1), device=sigma.device)
+        return self.sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones)).abs()
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.sampling.noise_scaling(self._sigma(t), noise, self.model.process_latent_in(x0), False)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(t)
+        clean = self.sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise),
+                                            self.model.process_latent_in(x0), False)
+        return clean / self._out_scale(sigma)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: dict[str, torch.Tensor],
+                lora: Factors | None) -> torch.Tensor:
+        sigma = self._sigma(t)
+        self._lora = lora
+        try:
+            x0 = self.model.apply_model(x_t, sigma, c_crossattn=context["c_crossattn"], y=context["y"])
+        finally:
+            self._lora = None
+        return x0 / self._out_scale(sigma)
+
+
+def _square(image, side: int) -> torch.Tensor:
+    """Centre square of a uint8 RGB photo resized to side² -> [side, side, 3] float in 0..1."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    im = Image.fromarray(image[top: top + s, left: left + s]).resize((side, side), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, np.float32) / 255.0)
+
+
+def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | str):
+    """Prepared shard samples -> Batch: VAE latents of the photo, CLIP tokens of both crops, the stored ArcFace."""
+    from hyperlora_core.clip import encode_crops
+    from hyperlora_core.train.shards import decode_sample
+
+    def encode(samples: list[dict[str, bytes]]) -> Batch:
+        decoded = [decode_sample(s) for s in samples]
+        with torch.no_grad():
+            latents = vae.encode(torch.stack([_square(d["image"], resolution) for d in decoded]))
+            clip = encode_crops(clip_encoder, [d["id_crop"] for d in decoded])
+            base = encode_crops(clip_encoder, [d["base_crop"] for d in decoded])
+        arcface = torch.from_numpy(np.stack([d["arcface"] for d in decoded]))
+        return Batch(latents=latents.float(), captions=[d["caption"] for d in decoded], clip=clip.float(),
+                     arcface=arcface, base_clip=base.float()).to(torch.device(device))
+
+    return encode
+
+
+def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: str = "auto",
+                        resolution: int = 1024) -> tuple[ComfyDenoiser, object]:
+    """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE)."""
+    if comfyui:
+        sys.path.insert(0, str(Path(comfyui)))
+    try:
+        import comfy.sd
+    except ImportError as exc:
+        raise RuntimeError("the comfy backend imports ComfyUI as a library: set data.comfyui to a ComfyUI "
+                           "checkout (or put one on PYTHONPATH)") from exc
+    path = Path(base_model)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.base_model '{path}' does not exist (an SDXL .safetensors checkpoint)")
+    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution), vae

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .arithmetic import combine_by_rank
+from .basis import mix_bases, token_index
 from .identity import Identity
-from .lora_io import lora_prefixes
+from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
 from .topology import LINEARS
@@ -134,7 +135,7 @@ class CoefficientLoRA(nn.Module):
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone().to(device))
         self.prefixes = list(prefixes)  # one per (module, linear), json order then q, k, v, out
         basis = hyperlora.checkpoint.files["basis"]
-        self.scale = 1.0 / 2.0  # alpha / rank of the method
+        self.scale = ALPHA_PER_RANK  # alpha / rank of the method
         downs, ups = [], []
         for i in range(len(hyperlora.module_names)):
             for linear, _, _ in LINEARS:
@@ -147,10 +148,10 @@ class CoefficientLoRA(nn.Module):
     def delta(self, index: int) -> torch.Tensor:
         """scale · up @ down of linear ``index`` ([out, in]), from the current tokens."""
         module, j = divmod(index, len(LINEARS))
-        a = self.tokens[8 * module + 2 * j]
-        b = self.tokens[8 * module + 2 * j + 1]
-        down = torch.einsum("k,kir->ir", a, self._downs[index].float())  # [in, r]
-        up = torch.einsum("k,kro->ro", b, self._ups[index].float())  # [r, out]
+        a = self.tokens[token_index(module, j, 0)]
+        b = self.tokens[token_index(module, j, 1)]
+        down = mix_bases(a[None], self._downs[index][None])[0]  # [in, r], the core's one mixing
+        up = mix_bases(b[None], self._ups[index][None])[0]  # [r, out]
         return self.scale * (up.t() @ down.t())
 
     @torch.no_grad()

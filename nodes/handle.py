@@ -31,7 +31,6 @@ from ..hyperlora_core.pipeline import IdentityPipeline
 from ..hyperlora_core.readahead import ReadAhead, Span
 
 log = logging.getLogger(__name__)
-TRIGGER_WORDS = "fcsks fxhks fhyks"
 
 
 VIT_NAMES = {768: "ViT-B", 1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}  # by hidden width

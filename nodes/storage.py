@@ -7,6 +7,7 @@ import logging
 from comfy_api.latest import io
 
 from ..hyperlora_core import Identity, save_lora
+from ..hyperlora_core.config import TRIGGER_WORDS
 from . import folders
 from .apply import lora_dtype, make_lora
 from .types import CATEGORY, HyperLoRAType, IdentityType
@@ -39,7 +40,7 @@ class SaveHyperLoRA(io.ComfyNode):
         lora = make_lora(hyper_lora, identity, "id", key_format="kohya")
         save_lora(lora, target, dtype=lora_dtype(hyper_lora),
                   metadata={"hyperlora_fingerprint": hyper_lora.core.fingerprint,
-                            "hyperlora_trigger_words": "fcsks fxhks fhyks"})
+                            "hyperlora_trigger_words": TRIGGER_WORDS})
         name = folders.saved_name("loras", target)
         log.info("saved HyperLoRA LoRA %s", target)
         return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})

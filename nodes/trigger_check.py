@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .handle import TRIGGER_WORDS
+from ..hyperlora_core.config import TRIGGER_WORDS
 
 log = logging.getLogger(__name__)
 

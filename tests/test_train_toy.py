@@ -76,6 +76,18 @@ def test_three_stages_learn_identities(toy, staged):
     assert wins >= 7
 
 
+def test_heldout_loss_drops_with_training(toy, staged):
+    from hyperlora_core.train.validate import heldout_loss
+
+    denoiser, data = toy
+    held = data.get(list(range(len(data.held_index))), held_out=True)
+    stage = staged[1].config.stage
+    fresh = heldout_loss(_net(None, denoiser), denoiser, held, stage)
+    trained = heldout_loss(_net(staged[0][3], denoiser), denoiser, held, stage)
+    _show(f"held-out denoising loss: untrained hypernetwork {fresh:.4f}, after the three stages {trained:.4f}")
+    assert trained < 0.95 * fresh
+
+
 @pytest.mark.parametrize("up_std", [0.01, 0.3])
 def test_untrained_hypernetwork_fails(toy, staged, up_std):
     """The same test on fresh weights (the released init, and one with large random LoRAs) does not pass."""

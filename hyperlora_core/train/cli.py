@@ -64,6 +64,13 @@ def _run(args: argparse.Namespace) -> int:
         from .validate import toy_validation
 
         validate = toy_validation(denoiser, data, config.stage)
+    elif config.data.validation_shards:
+        from .shards import ShardDataset
+        from .validate import shard_validation
+
+        held = ShardDataset(config.data.validation_shards, encode=data.encode)
+        validate = shard_validation(denoiser, held.get(list(range(min(len(held), config.data.validation_samples)))),
+                                    config.stage)
     trainer = Trainer(config, denoiser, data, validate=validate)
     resume = latest_checkpoint(config.run.out) if args.resume == "auto" else args.resume
     if resume:

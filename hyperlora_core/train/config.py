@@ -168,6 +168,8 @@ class DataConfig:
 
     backend: str = "toy"  # "toy" (the tiny synthetic denoiser and identities) or "comfy" (a ComfyUI checkpoint)
     shards: str = ""  # folder of prepared .tar shards (python -m hyperlora_core.train prepare)
+    validation_shards: str = ""  # folder of held-out shards (other identities) for run.validate_every
+    validation_samples: int = 16  # held-out samples validated (the first of the validation shards)
     base_model: str = ""  # comfy backend: the base model checkpoint file (.safetensors)
     comfyui: str = ""  # comfy backend: a ComfyUI checkout to import comfy from ("" = already importable)
     clip_vision: str = ""  # comfy backend: CLIP ViT-L/14 vision folder or .safetensors (encodes the two crops)
@@ -183,7 +185,7 @@ class DataConfig:
             raise TrainConfigError("data.base_model (an SDXL .safetensors checkpoint), data.shards (prepared "
                                    "shards) and data.clip_vision (CLIP ViT-L/14) are required with backend 'comfy'")
         _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images,
-                  toy_pretrain=self.toy_pretrain)
+                  toy_pretrain=self.toy_pretrain, validation_samples=self.validation_samples)
 
 
 SECTIONS = {"model": ModelConfig, "stage": StageConfig, "optim": OptimConfig, "run": RunConfig, "data": DataConfig}

@@ -178,6 +178,8 @@ class Trainer:
                 self.validate()
             if self.step % run.checkpoint_every == 0 or self.step == self.config.optim.steps:
                 self.save()
+        if self.step > first and self.step % run.checkpoint_every and self.step < self.config.optim.steps:
+            self.save()  # stopped early (``until``): a later run resumes from here
         if bar is not None:
             bar.close()
         return self.last_stats

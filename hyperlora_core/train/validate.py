@@ -66,6 +66,29 @@ def id_only_drift(net: HyperNetwork, denoiser: Denoiser, batch: Batch, *, repeat
     return float((denoiser.predict(x_t, t, context, factors) - denoiser.predict(x_t, t, context, None)).pow(2).mean())
 
 
+@torch.no_grad()
+def heldout_loss(net: HyperNetwork, denoiser: Denoiser, batch: Batch, stage: StageConfig, *, repeats: int = 2,
+                 seed: int = 0) -> float:
+    """Mean denoising loss of held-out samples, each with its own predicted ID-LoRA (and Base-LoRA), trigger words
+    in the caption; noise and timesteps fixed by ``seed`` (any backend)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = batch.latents.repeat(repeats, *[1] * (batch.latents.ndim - 1))
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    t = torch.randint(denoiser.num_timesteps, (len(x0),), generator=g).to(x0.device)
+    context = denoiser.encode_text([stage.with_trigger(c) for c in batch.captions] * repeats)
+    factors = net(batch.clip.repeat(repeats, 1, 1), batch.arcface.repeat(repeats, 1),
+                  batch.base_clip.repeat(repeats, 1, 1))
+    pred = denoiser.predict(denoiser.noisy(x0, noise, t), t, context,
+                            combine((factors["id"], None), (factors.get("base"), None)))
+    return float((pred.float() - denoiser.target(x0, noise, t).float()).pow(2).mean())
+
+
+def shard_validation(denoiser: Denoiser, batch: Batch, stage: StageConfig,
+                     ) -> Callable[[HyperNetwork], dict[str, float]]:
+    """Validation of a real data set: the held-out loss on a fixed batch of held-out samples."""
+    return lambda net: {"heldout_loss": heldout_loss(net, denoiser, batch, stage)}
+
+
 def toy_validation(denoiser: Denoiser, data, stage: StageConfig) -> Callable[[HyperNetwork], dict[str, float]]:
     """Validation of the toy backend: held-out denoising loss (own ID-LoRA) and rows won by the diagonal."""
     n = data.identities

@@ -126,3 +126,42 @@ def test_the_export_runs_in_our_nodes(server, trained):
     changed = np.abs(saved_image(server, run).astype(int) - saved_image(server, plain).astype(int))
     show(f"\ntrained export vs no identity: {np.mean(changed > 0):.1%} of pixel values differ, max {changed.max()}")
     assert changed.max() > 0
+
+
+def test_prepared_shards_feed_a_training_step(comfy, backend, tiny_clip_folder, tmp_path):
+    """prepare (face doubles) -> tar shards -> the comfy backend's encoder (ComfyUI VAE, our CLIP tower) -> Batch
+    -> a stage-3 step on the tiny SDXL."""
+    import numpy as np
+    from PIL import Image
+
+    from hyperlora_core.clip import ClipVisionEncoder
+    from hyperlora_core.train.cli import main
+    from hyperlora_core.train.shards import ShardDataset
+    from train_comfy.backend import shard_encoder
+
+    from face_doubles import centred_box, paint_face, write_antelopev2
+    from helpers import TINY_CLIP_WIDTH
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in range(2):
+        photo = np.zeros((640, 640, 3), np.uint8)
+        Image.fromarray(paint_face(photo, centred_box(320, 320, 150), seed=n)).save(images / f"p{n}.png")
+        (images / f"p{n}.txt").write_text(f"portrait {n}")
+    antelope = write_antelopev2(tmp_path / "antelopev2")
+    assert main(["prepare", "--images", str(images), "--out", str(tmp_path / "shards"), "--insightface",
+                 str(antelope), "--per-shard", "1", "--min-face", "100", "--resolution", "64", "--provider",
+                 "cpu"]) == 0
+    _, denoiser = backend
+    encode = shard_encoder(tiny.tiny_vae(0), ClipVisionEncoder.from_folder(tiny_clip_folder), resolution=64,
+                           device="cpu")
+    data = ShardDataset(tmp_path / "shards", encode=encode)
+    batch = data.get([0, 1])
+    assert batch.latents.shape[:2] == (2, 4) and batch.clip.shape == (2, 257, TINY_CLIP_WIDTH)
+    assert batch.captions == ["portrait 0", "portrait 1"] and batch.arcface.shape == (2, 512)
+    assert not torch.equal(batch.clip, batch.base_clip)  # the Base crop (face blurred) is another image
+    config = TrainConfig().replace(model={**MODEL, "clip_dim": TINY_CLIP_WIDTH}, stage={"stage": 3},
+                                   optim={"steps": 1, "lr": 1e-3, "warmup": 1},
+                                   run={"out": str(tmp_path / "run"), "batch": 2})
+    stats = Trainer(config, denoiser, data).train(progress=False)
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0

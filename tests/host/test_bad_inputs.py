@@ -19,7 +19,7 @@ import pytest
 import torch
 from comfy_server import show
 from graphs import Graph, apply, conditioning, decode_and_save, generation, identity, sample
-from verdicts import assert_good_prompt_runs, assert_ours, explain, from_image, loader
+from verdicts import assert_good_prompt_runs, assert_ours, explain, forget, from_image, loader
 
 FOREIGN, TWIN, CORRUPT, BOMB, LORA = "foreign.safetensors", "twin.safetensors", "corrupt.safetensors", \
     "bomb.safetensors", "a_lora.safetensors"
@@ -210,7 +210,7 @@ def identity_files(server):
 
     from helpers import TINY_CLIP_WIDTH, conditions
 
-    extra, default = server.identity_folders
+    default, extra = server.identity_folders
     default.mkdir(parents=True, exist_ok=True)
     other = load_hyperlora(server.models / "hyper_lora" / "tiny_b", unet=HOST_UNET)
     clip, arc = conditions(1, seed=3, clip_dim=TINY_CLIP_WIDTH)
@@ -235,6 +235,7 @@ def test_bad_input_gives_our_error(identity_files, case):
     server = identity_files
     spec = CASES[case]
     run = server.server.run(spec.build(server).prompt())
+    forget(server, run)
     show(f"\n{case}: {explain(run)}")
     assert_ours(run, spec.node, spec.words)
     assert "sampler" not in run.executed  # refused before sampling

@@ -1,4 +1,4 @@
-"""Host tier: bench/soak.py at 100 prompts on the shared server (the README's table is the same bench at 500).
+"""Host tier: bench/soak.py at 100 prompts on a server of its own (the README's table is the same bench at 500).
 
 Goals: every good prompt succeeds and every bad one fails with our error; the server's RSS after the last prompt is
 within 5 % of its RSS after prompt 50 (identities, LoRAs and clones are freed); the queue ends empty; no temporary
@@ -25,10 +25,10 @@ def load_bench():
     return module
 
 
-def test_soak_holds_memory_and_answers_every_prompt(server):
-    soak = load_bench()
+def test_soak_holds_memory_and_answers_every_prompt(own_server):
+    soak, server = load_bench(), own_server
     result = soak.soak(server.server, server.root, PROMPTS, server.identity_folders, log=show)
-    show(f"\nsoak, {PROMPTS} prompts on the shared host-tier server:\n{soak.report(result)}")
+    show(f"\nsoak, {PROMPTS} prompts on a server of its own:\n{soak.report(result)}")
     kinds = {r.kind for r in result.records}
     assert kinds == set(soak.SCHEDULE) | {"bad"}, kinds
     assert sum(r.kind == "bad" for r in result.records) == PROMPTS // 10

@@ -1,13 +1,17 @@
-"""Benchmark of HyperLoRA Refine: seconds per training step and peak memory, per mode and gradient checkpointing.
+"""Benchmark of HyperLoRA Refine: seconds per step, peak memory and bytes saved for backward, per mode and
+gradient checkpointing.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/refine.py [--size tiny|full] [--resolution 64] [--steps 8]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/refine.py [--size tiny|full] [--device cpu|cuda] [--resolution 512]
+                                                         [--steps 3]
 
-``tiny``: the host tier's 23.6 M-parameter SDXL-topology UNet (140 attention modules, real names) on the CPU.
-``full``: a full-size SDXL UNet (2.6 B parameters, fp16 weights) with random weights and a full-size random
-HyperLoRA (K=128, r=8), batch 1; meant for a GPU at --resolution 1024 (the goal: 50 steps in <= 20 s on an H100,
-peak <= 20 GB). Each configuration runs in its own process, so peak memory is its own. The reference photos are
-encoded by a stand-in encoder (pooling to the latent shape): only the training steps are timed. Every time comes
-with its ratio to one inference (no-grad) forward pass of the same model and batch, measured in the same process.
+``tiny``: the host tier's 23.6 M-parameter SDXL-topology UNet (140 attention modules, real names), fp32.
+``full``: a full-size SDXL UNet (2.57 G parameters) with random fp16 weights, computing in bf16, and a full-size
+random HyperLoRA (K=128, r=8, fp16). The UNet is built inside ``torch.inference_mode()``, as ComfyUI loads models.
+Each configuration runs in its own process, so its peak is its own; a configuration whose RSS passes
+``--rss-limit-gib`` is stopped and reported as such (this machine is shared). The references are encoded by a
+stand-in encoder (pooling to the latent shape); the first step warms up and is not timed. Bytes saved for
+backward are counted with autograd's saved-tensor hooks (deduplicated by storage; the model's own weights, saved
+by reference, are not counted); the figure is the largest of the steps.
 """
 
 from __future__ import annotations
@@ -21,22 +25,39 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [("rank_relaxed", True), ("rank_relaxed", False), ("coefficients", True), ("coefficients", False)]
+CONFIGS = [("rank_relaxed", True), ("coefficients", True), ("rank_relaxed", False), ("coefficients", False)]
+FULL_SDXL = {"model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816, "num_head_channels": 64}
 
 
-def _comfy(comfyui: str, device: str):
+def comfy_modules(comfyui: str, device: str):
     sys.path[:0] = [comfyui, str(ROOT), str(ROOT / "tests" / "host"), str(ROOT / "tests")]
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device == "cpu"
-    import comfy.model_management  # noqa: F401
+    import comfy.model_management
+    import comfy.sd  # noqa: F401
     import comfy.supported_models
 
     return comfy
+
+
+def pack_modules():
+    """This checkout loaded as the package ComfyUI would load (its nodes use relative imports)."""
+    if "hlpack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("hlpack", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hlpack"] = module
+        spec.loader.exec_module(module)
+    from hlpack.hyperlora_core import refine
+    from hlpack.nodes import training
+
+    return refine, training
 
 
 class PoolEncoder:
@@ -50,98 +71,183 @@ class PoolEncoder:
         return torch.nn.functional.avg_pool2d(x, 8)
 
 
-def _model_and_hyperlora(size: str, workdir: Path):
-    import torch
-    from nodepack import tiny
-
-    from hyperlora_core import SDXL, UNetSpec, load_hyperlora
-    from hyperlora_core.synthetic import write_checkpoint
-
-    if size == "tiny":
-        model = tiny.tiny_sdxl(seed=0)
-        unet = UNetSpec(name="tiny SDXL (ComfyUI)", level_widths=(64, 128), context_dim=64)
-        folder = write_checkpoint(workdir / "ckpt", unet=unet)
-        cond = [[torch.randn(1, 77, 64), {"pooled_output": torch.randn(1, 32)}]]
-        return model, load_hyperlora(folder, unet=unet), cond
-    import comfy.supported_models
-
-    config = dict(tiny.TINY_SDXL_CONFIG, model_channels=320, context_dim=2048, adm_in_channels=2816,
-                  num_head_channels=64)
-    supported = comfy.supported_models.SDXL(config)
-    supported.set_inference_dtype(torch.float16, None)
-    net = supported.get_model({})
-    tiny.randomise(net, 0)
-    folder = workdir / "ckpt"
+def write_full_checkpoint(folder: Path) -> Path:
     if not (folder / "hyper_lora_modules.safetensors").exists():
         sys.path.insert(0, str(ROOT / "bench"))
         from core import write
 
         write(folder)
+    return folder
+
+
+def build(size: str, workdir: Path):
+    """(ModelPatcher, HyperLoRA, positive conditioning) at ``size``; the UNet's weights are inference tensors."""
+    import comfy.supported_models
+    import torch
+    from nodepack import tiny
+
+    from hyperlora_core import SDXL, load_hyperlora
+    from hyperlora_core.synthetic import write_checkpoint
+
+    if size == "tiny":
+        with torch.inference_mode():
+            model = tiny.tiny_sdxl(seed=0)
+        unet = tiny.host_unet()
+        folder = workdir / "ckpt_tiny"
+        if not (folder / "hyper_lora_modules.safetensors").exists():
+            write_checkpoint(folder, unet=unet)
+        cond = [[torch.randn(1, 77, 64), {"pooled_output": torch.randn(1, 32)}]]
+        return model, load_hyperlora(folder, unet=unet), cond
+    supported = comfy.supported_models.SDXL(dict(tiny.TINY_SDXL_CONFIG, **FULL_SDXL))
+    supported.set_inference_dtype(torch.float16, None)
+    with torch.inference_mode():
+        net = supported.get_model({})
+        tiny.randomise(net, 0)
     cond = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
-    return tiny._patcher(net), load_hyperlora(folder, unet=SDXL), cond
+    return tiny._patcher(net), load_hyperlora(write_full_checkpoint(workdir / "ckpt_full"), unet=SDXL), cond
 
 
-def one(args) -> dict:
-    """One configuration in this process: {'step_s', 'infer_s', 'peak_bytes', ...}."""
-    comfy = _comfy(args.comfyui, args.device)
+def predicted_identity(hl, photos: int = 1, seed: int = 0):
     import torch
 
-    torch.set_num_threads(args.threads)
-    mm = comfy.model_management
-    mode, checkpointing = args.one.split(":")
-    pack = importlib.util.spec_from_file_location("hlpack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(pack)
-    sys.modules["hlpack"] = module
-    pack.loader.exec_module(module)
-    from hlpack.hyperlora_core.refine import RefineConfig
-    from hlpack.nodes import training
+    g = torch.Generator().manual_seed(seed)
+    return hl.predict_identity(clip_tokens=torch.randn(photos, 257, 1024, generator=g),
+                               id_embeds=torch.nn.functional.normalize(torch.randn(photos, 512, generator=g), dim=-1))
 
-    model, hl, positive = _model_and_hyperlora(args.size, Path(args.workdir))
-    g = torch.Generator().manual_seed(0)
-    identity = hl.predict_identity(clip_tokens=torch.randn(1, 257, 1024, generator=g),
-                                   id_embeds=torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1))
+
+class SavedBytes:
+    """Bytes saved for backward per step (autograd saved-tensor hooks), deduplicated by storage, without the
+    storages in ``skip`` (the model's own weights, saved by reference)."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.seen, self.current, self.steps = skip, set(), 0, []
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.seen and ptr not in self.skip:
+            self.seen.add(ptr)
+            self.current += storage.nbytes()
+        return t
+
+    def next_step(self) -> None:
+        self.steps.append(self.current)
+        self.seen, self.current = set(), 0
+
+
+def run_refine(training, refine_mod, model, hl, positive, images, mode: str, checkpointing: bool, steps: int,
+               precision: str, sync) -> dict:
+    """One refinement run, timed per step (check_interrupt marks each step's start) and its saved bytes counted."""
+    import comfy.model_management as mm
+    import torch
+
+    identity = predicted_identity(hl)
     handle = type("Handle", (), {"core": hl})()
-    images = torch.rand(1, args.resolution, args.resolution, 3, generator=g)
-    config = RefineConfig(mode=mode, steps=args.steps, lr=1e-3, seed=0, batch=1, resolution=args.resolution)
-
+    config = refine_mod.RefineConfig(mode=mode, steps=steps, seed=0, resolution=images.shape[1])
+    saved = SavedBytes({p.untyped_storage().data_ptr() for p in model.model.parameters()})
     stamps: list[float] = []
     real_check = mm.throw_exception_if_processing_interrupted
 
     def stamp():
-        if mm.get_torch_device().type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         stamps.append(time.perf_counter())
+        if len(stamps) > 1:
+            saved.next_step()
+            sys.stderr.write(f"  {mode}, checkpointing {checkpointing}: step {len(stamps) - 1} took "
+                             f"{stamps[-1] - stamps[-2]:.1f} s, saved {saved.steps[-1] / 2**30:.3f} GiB, "
+                             f"max RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB\n")
+            sys.stderr.flush()
         real_check()
 
     mm.throw_exception_if_processing_interrupted = stamp
-    if args.device == "cuda":
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            t0 = time.perf_counter()
+            result, losses = training.refine(model, PoolEncoder(), positive, handle, identity, images, config,
+                                             precision=precision, checkpointing=checkpointing)
+            total = time.perf_counter() - t0
+    finally:
+        mm.throw_exception_if_processing_interrupted = real_check
+    saved.next_step()
+    stamps.append(stamps[-1] + max(0.0, total - (stamps[-1] - t0)))  # the last step ends when refine returns
+    times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {"step_s": statistics.median(times[1:] or times), "total_s": total, "saved_bytes": max(saved.steps),
+            "first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses), "lora": result.lora}
+
+
+def one(args) -> dict:
+    """One configuration in this process."""
+    comfy_modules(args.comfyui, args.device)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    refine_mod, training = pack_modules()
+    mode, checkpointing = args.one.split(":")
+    model, hl, positive = build(args.size, Path(args.workdir))
+    weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
+    images = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+    cuda = args.device == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result, losses = training.refine(model, PoolEncoder(), positive, handle, identity, images, config,
-                                     checkpointing=checkpointing == "ckpt")
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # the first step warms up
-    peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = run_refine(training, refine_mod, model, hl, positive, images, mode, checkpointing == "ckpt", args.steps,
+                     "bf16" if args.size == "full" else "auto", torch.cuda.synchronize if cuda else lambda: None)
+    row.pop("lora")
+    row.update(mode=mode, checkpointing=checkpointing == "ckpt", weights_bytes=weights, setup_rss_bytes=setup_rss,
+               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               peak_cuda_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+    return row
 
-    # one inference forward pass of the same model on the same kind of batch, for the ratio
-    latents = training.encode(PoolEncoder(), images, RefineConfig(resolution=args.resolution, augment=False))
-    infer: list[float] = []
 
-    def body(model_wrap, extra_args, x):
-        with torch.no_grad():
-            for i in range(4):
-                t0 = time.perf_counter()
-                training.batch_loss(model_wrap, extra_args, x, torch.Generator().manual_seed(i), 1, None)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
-                infer.append(time.perf_counter() - t0)
+def _child(cmd: list[str], env: dict, limit: float) -> tuple[dict | None, float]:
+    """Run one configuration; stop it if its RSS passes ``limit`` bytes. (row or None, highest RSS seen)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)  # its stderr (progress) passes on
+    highest = [0.0]
 
-    with torch.inference_mode(False):
-        training.with_denoiser(model, positive, latents, body)
-    return {"mode": mode, "checkpointing": checkpointing == "ckpt", "step_s": statistics.median(steps),
-            "infer_s": statistics.median(infer[1:]), "peak_bytes": peak, "setup_rss_bytes": rss0,
-            "first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses)}
+    def watch():
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                return
+            rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS")), 0)
+            highest[0] = max(highest[0], rss)
+            if rss > limit:
+                proc.kill()
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, _ = proc.communicate()
+    watcher.join()
+    if proc.returncode != 0:
+        return None, highest[0]
+    return json.loads(out.strip().splitlines()[-1]), highest[0]
+
+
+def table(rows: list[dict], args) -> str:
+    gib = 2 ** 30
+    weights = next(r["weights_bytes"] for r in rows if r.get("weights_bytes"))
+    peak_name = "peak CUDA" if args.device == "cuda" else "peak RSS"
+    lines = [f"HyperLoRA Refine, {args.size} SDXL UNet ({weights / gib:.2f} GiB of weights), {args.resolution}² px, "
+             f"batch 1, {args.device}, {args.threads} threads, {args.steps} steps (first not timed)",
+             f"{'mode':<14}{'ckpt':<6}{'s/step':>9}{'÷ no-ckpt':>11}{'saved for bwd':>15}{'÷ no-ckpt':>11}"
+             f"{peak_name:>12}{'peak − weights':>16}"]
+    for r in rows:
+        base = next((b for b in rows if b["mode"] == r["mode"] and not b["checkpointing"] and "step_s" in b), None)
+        if "step_s" not in r:
+            lines.append(f"{r['mode']:<14}{'on' if r['checkpointing'] else 'off':<6}{'stopped: RSS passed':>35} "
+                         f"{r['limit'] / gib:.1f} GiB (highest seen {r['highest'] / gib:.2f} GiB)")
+            continue
+        peak = r["peak_cuda_bytes"] if args.device == "cuda" else r["peak_rss_bytes"]
+        ratio = {k: f"{r[k] / base[k]:>10.2f}×" if base else f"{'—':>11}" for k in ("step_s", "saved_bytes")}
+        lines.append(f"{r['mode']:<14}{'on' if r['checkpointing'] else 'off':<6}{r['step_s']:>9.2f}{ratio['step_s']}"
+                     f"{r['saved_bytes'] / gib:>11.3f} GiB{ratio['saved_bytes']}{peak / gib:>8.2f} GiB"
+                     f"{(peak - weights) / gib:>12.2f} GiB")
+    lines.append("peak: " + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
+                             "the process's max RSS (interpreter, ComfyUI, UNet and basis pages included)"))
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -150,41 +256,37 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 1024 (full)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss-limit-gib", type=float, default=16.0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.comfyui:
         parser.error("set COMFYUI_PATH (or --comfyui) to a ComfyUI v0.3.64 checkout")
     args.resolution = args.resolution or (64 if args.size == "tiny" else 1024)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="hl_refine_bench_")
     if args.one:
         sys.stdout.write(json.dumps(one(args)) + "\n")
         return
-    workdir = args.workdir or tempfile.mkdtemp(prefix="hl_refine_bench_")
+    if args.size == "full":
+        sys.path.insert(0, str(ROOT))
+        write_full_checkpoint(Path(args.workdir) / "ckpt_full")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = []
     for mode, ckpt in CONFIGS:
         cmd = [sys.executable, __file__, "--comfyui", args.comfyui, "--size", args.size, "--device", args.device,
                "--resolution", str(args.resolution), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--workdir", workdir, "--one", f"{mode}:{'ckpt' if ckpt else 'nockpt'}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.stderr.write(out.stderr[-3000:])
-            raise SystemExit(f"{mode} checkpointing={ckpt} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    where = "GPU" if args.device == "cuda" else f"CPU, {args.threads} threads"
-    sys.stdout.write(f"HyperLoRA Refine, {args.size} SDXL-topology UNet, {args.resolution}² px, batch 1, {where}, "
-                     f"median of {args.steps - 2} steps\n")
-    sys.stdout.write(f"{'mode':<14}{'checkpointing':<15}{'s/step':>9}{'÷ inference':>13}{'50 steps':>10}"
-                     f"{'peak':>11}{'÷ no-ckpt peak':>16}\n")
-    for row in rows:
-        base = next(r for r in rows if r["mode"] == row["mode"] and not r["checkpointing"])
-        sys.stdout.write(f"{row['mode']:<14}{str(row['checkpointing']):<15}{row['step_s']:>9.3f}"
-                         f"{row['step_s'] / row['infer_s']:>12.1f}×{50 * row['step_s']:>9.1f}s"
-                         f"{row['peak_bytes'] / 2**30:>9.2f}GiB{row['peak_bytes'] / base['peak_bytes']:>15.2f}×\n")
-    sys.stdout.write("peak: " + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
-                                 "the process's max RSS (interpreter, ComfyUI and model included)") + "\n")
+               "--workdir", args.workdir, "--one", f"{mode}:{'ckpt' if ckpt else 'nockpt'}"]
+        limit = args.rss_limit_gib * 2 ** 30
+        row, highest = _child(cmd, env, limit)
+        rows.append(row or {"mode": mode, "checkpointing": ckpt, "limit": limit, "highest": highest})
+        sys.stderr.write(f"done: {mode} checkpointing={ckpt}: {json.dumps(rows[-1])}\n")
+    text = table(rows, args)
+    sys.stdout.write(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

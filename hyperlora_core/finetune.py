@@ -1,7 +1,10 @@
 """The two trainable parametrisations of fast refinement (HyperDreamBooth-style), pure torch.
 
-Both are strategies with one interface (:class:`Parametrisation`): per-linear weight deltas with autograd
-(``delta(i)``), the trainable ``parameters()``, ``after_step()`` after each optimiser step and ``result()``.
+Both are strategies with one interface (:class:`Parametrisation`): per-linear float32 LoRA factors with autograd
+(``factors(i)``, and ``delta(i) = up @ down``), the trainable ``parameters()``, ``place(device)``,
+``after_step()`` after each optimiser step and ``result()``. Both are trained at the strength the identity will be
+applied at, folded into ``up``; the result is saved as exactly those factors (alpha = rank), so loading it at
+1.0 gives the very weights training saw.
 
 * :class:`CoefficientLoRA` (mode ``coefficients``) trains the coefficient tokens themselves and mixes the
   frozen bases on every call; tokens are re-normalised per token after each optimiser step, so the result
@@ -22,10 +25,12 @@ import torch
 from torch import nn
 
 from .arithmetic import combine_by_rank
+from .basis import token_index
 from .identity import Identity
-from .lora_io import lora_prefixes
+from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
+from .safetensors_file import SafetensorsFile
 from .topology import LINEARS
 
 
@@ -44,16 +49,90 @@ class Parametrisation(Protocol):
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
 
-    def delta(self, index: int) -> torch.Tensor: ...  # [out, in] weight delta of linear ``index``, differentiable
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...  # (up [out, r], down [r, in]), float32
+
+    def device_bytes(self) -> int: ...  # bytes that ``place`` puts on the compute device
+
+    def place(self, device: torch.device | str) -> None: ...  # move the frozen and trainable tensors there
 
     def after_step(self) -> None: ...  # after each optimiser step
 
     def result(self) -> RefineResult: ...
 
 
+class _Factored:
+    """Shared by both parametrisations: the delta and the saved LoRA come from the same float32 factors."""
+
+    prefixes: list[str]
+
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def delta(self, index: int) -> torch.Tensor:
+        """[out, in] float32 weight delta of linear ``index``: ``up @ down``, the product ComfyUI's LoRA patch
+        takes of the saved factors (alpha = rank), so the saved result reproduces it bit for bit."""
+        up, down = self.factors(index)
+        return up @ down
+
+    def lora(self) -> dict[str, torch.Tensor]:
+        """The current factors as a LoRA (alpha = rank, scale 1): applied at 1.0 it adds exactly ``delta``."""
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, p in enumerate(self.prefixes):
+                up, down = self.factors(i)
+                out[p + ".lora_down.weight"] = down.detach().cpu().clone()
+                out[p + ".lora_up.weight"] = up.detach().cpu().clone()
+                out[p + ".alpha"] = torch.tensor(float(down.shape[0]))
+        return out
+
+
+class _BasisMix(torch.autograd.Function):
+    """``Σ_k c_k · basis[k]`` for a [k, a, b] basis in any dtype, in float32. The basis is saved for backward by
+    reference; its float32 widening lives only inside forward and backward, never between them."""
+
+    @staticmethod
+    def forward(ctx, coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(basis)
+        return (coefs @ basis.reshape(basis.shape[0], -1).float()).reshape(basis.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (basis,) = ctx.saved_tensors
+        flat = basis.reshape(basis.shape[0], -1).float()
+        return flat @ grad.reshape(-1).float(), None
+
+
+def mapped_tensors(file: SafetensorsFile, keys: Sequence[str]) -> list[torch.Tensor]:
+    """File-backed views of ``keys`` through one private mapping of ``file``: pages are read when used and
+    never copied into the process's own memory (a misaligned tensor is read normally)."""
+    raw = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
+    out = []
+    for key in keys:
+        info = file.tensors[key]
+        dtype = file.torch_dtype(info.dtype)
+        start = file.data_start + info.start
+        item = torch.empty((), dtype=dtype).element_size()
+        if start % item:
+            out.append(file.tensor(key))
+            continue
+        out.append(raw[start:file.data_start + info.end].view(dtype).view(info.shape))
+    return out
+
+
+def mix_basis(coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """[k] coefficients × [k, a, b] basis -> [a, b] float32, differentiable in the coefficients."""
+    return _BasisMix.apply(coefs.float(), basis)
+
+
 def concat_by_rank(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA whose delta is exactly ΔW_a + ΔW_b (the rank-relaxed result: prediction plus residual)."""
-    return combine_by_rank([(a, 1.0), (b, 1.0)])
+    return concat_by_rank_at(a, 1.0, b)
+
+
+def concat_by_rank_at(a: dict[str, torch.Tensor], strength: float, b: dict[str, torch.Tensor],
+                      ) -> dict[str, torch.Tensor]:
+    """The LoRA whose delta is exactly strength·ΔW_a + ΔW_b, to be loaded at 1.0."""
+    return combine_by_rank([(a, strength), (b, 1.0)])
 
 
 class ResidualLoRA(nn.Module):
@@ -85,73 +164,86 @@ class ResidualLoRA(nn.Module):
         return out
 
 
-class RankRelaxed(nn.Module):
-    """The frozen prediction plus a trainable zero-initialised residual of rank ``rank`` on each of its linears."""
+class RankRelaxed(_Factored, nn.Module):
+    """The frozen prediction, at the strength it will be applied at, plus a trainable zero-initialised residual
+    of rank ``rank`` on each of its linears; the result is both, concatenated by rank."""
 
     def __init__(self, predicted: dict[str, torch.Tensor], rank: int = 4, *, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 strength: float = 1.0) -> None:
         super().__init__()
-        self.predicted = predicted
+        self.predicted, self.strength = predicted, strength
         self.prefixes = lora_prefixes(predicted)
-        folded = combine_by_rank([(predicted, 1.0)])  # alpha/r folded into up: delta = up @ down
+        folded = combine_by_rank([(predicted, strength)])  # strength·alpha/r folded into up, float32
         ups, downs, shapes = [], [], {}
         for p in self.prefixes:
             down = folded[p + ".lora_down.weight"].detach().clone()  # never an inference tensor
             up = folded[p + ".lora_up.weight"].detach().clone()
-            ups.append(up.to(device))
-            downs.append(down.to(device))
+            ups.append(up)
+            downs.append(down)
             shapes[p] = (up.shape[0], down.shape[1])
         self._ups, self._downs = ups, downs  # frozen, not parameters
-        self.residual = ResidualLoRA(shapes, rank, seed=seed).to(device)
+        self.residual = ResidualLoRA(shapes, rank, seed=seed)
 
-    def delta(self, index: int) -> torch.Tensor:
-        """ΔW_pred + ΔW_residual as one product of the rank-concatenated factors."""
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         up = torch.cat([self._ups[index], self.residual.up[index]], dim=1)
         down = torch.cat([self._downs[index], self.residual.down[index]], dim=0)
-        return up @ down
+        return up, down
+
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self._ups, *self._downs, *self.residual.parameters()])
+
+    def place(self, device: torch.device | str) -> None:
+        self._ups = [t.to(device) for t in self._ups]
+        self._downs = [t.to(device) for t in self._downs]
+        self.residual.to(device)
 
     def after_step(self) -> None:
         pass
 
     def result(self) -> RefineResult:
-        return RefineResult(concat_by_rank(self.predicted, self.residual.state_dict_lora()), None)
+        return RefineResult(concat_by_rank_at(self.predicted, self.strength, self.residual.state_dict_lora()), None)
 
 
-class CoefficientLoRA(nn.Module):
-    """Trainable coefficient tokens over frozen bases; ``delta(i)`` is differentiable in the tokens.
+class CoefficientLoRA(_Factored, nn.Module):
+    """Trainable coefficient tokens over frozen bases; ``factors(i)`` are differentiable in the tokens.
 
-    The bases stay in the checkpoint's dtype on ``device`` (about 2.8 GiB at released size in fp16) and are
-    widened to float32 one linear at a time.
+    The bases stay in the checkpoint's dtype (about 2.8 GiB at released size in fp16) where they were read
+    until :meth:`place` moves them; each linear's basis is widened to float32 only while it is being mixed.
+    ``strength`` is the weight the identity is applied at (folded into ``up``).
     """
 
-    def __init__(self, hyperlora: HyperLoRA, identity: Identity, prefixes: Sequence[str],
-                 device: torch.device | str = "cpu", *, key_format: str = "comfy",
-                 lora_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, hyperlora: HyperLoRA, identity: Identity, prefixes: Sequence[str], *,
+                 strength: float = 1.0) -> None:
         super().__init__()
         identity.check_compatible(hyperlora.fingerprint, hyperlora.module_names)
         self.hyperlora, self.identity = hyperlora, identity
-        self.key_format, self.lora_dtype = key_format, lora_dtype
-        self.tokens = nn.Parameter(identity.tokens.detach().float().clone().to(device))
+        self.tokens = nn.Parameter(identity.tokens.detach().float().clone())
         self.prefixes = list(prefixes)  # one per (module, linear), json order then q, k, v, out
-        basis = hyperlora.checkpoint.files["basis"]
-        self.scale = 1.0 / 2.0  # alpha / rank of the method
-        downs, ups = [], []
-        for i in range(len(hyperlora.module_names)):
-            for linear, _, _ in LINEARS:
-                downs.append(basis.tensor(f"{i}.{linear}.id_down_basis").to(device))
-                ups.append(basis.tensor(f"{i}.{linear}.id_up_basis").to(device))
+        self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
+        keys = [f"{i}.{linear}.id_{side}_basis" for i in range(len(hyperlora.module_names))
+                for linear, _, _ in LINEARS for side in ("down", "up")]
+        mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
+        downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):
             raise ValueError(f"{len(self.prefixes)} prefixes for {len(downs)} target linears")
         self._downs, self._ups = downs, ups  # frozen, not parameters
 
-    def delta(self, index: int) -> torch.Tensor:
-        """scale · up @ down of linear ``index`` ([out, in]), from the current tokens."""
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale · (Σ b·up_basis)ᵀ [out, r], (Σ a·down_basis)ᵀ [r, in]) of linear ``index``."""
         module, j = divmod(index, len(LINEARS))
-        a = self.tokens[8 * module + 2 * j]
-        b = self.tokens[8 * module + 2 * j + 1]
-        down = torch.einsum("k,kir->ir", a, self._downs[index].float())  # [in, r]
-        up = torch.einsum("k,kro->ro", b, self._ups[index].float())  # [r, out]
-        return self.scale * (up.t() @ down.t())
+        a = self.tokens[token_index(module, j, 0)]
+        b = self.tokens[token_index(module, j, 1)]
+        down = mix_basis(a, self._downs[index]).t().contiguous()  # [r, in]
+        up = (self.scale * mix_basis(b, self._ups[index])).t().contiguous()  # [out, r]
+        return up, down
+
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self._downs, *self._ups, self.tokens])
+
+    def place(self, device: torch.device | str) -> None:
+        self._downs = [t.to(device) for t in self._downs]
+        self._ups = [t.to(device) for t in self._ups]
+        self.to(device)
 
     @torch.no_grad()
     def renormalize(self) -> None:
@@ -167,7 +259,5 @@ class CoefficientLoRA(nn.Module):
         return refined
 
     def result(self) -> RefineResult:
-        refined = self.to_identity()
-        lora = self.hyperlora.identity_to_lora(refined, key_format=self.key_format,
-                                              dtype=self.lora_dtype or torch.float32)
-        return RefineResult(lora, refined)
+        """The refined identity, and its LoRA at the training strength exactly as training computed it."""
+        return RefineResult(self.lora(), self.to_identity())

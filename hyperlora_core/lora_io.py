@@ -21,6 +21,7 @@ from .topology import LINEARS, AttnModule, comfy_key, kohya_key
 
 KEY_FORMATS: dict[str, Callable[[AttnModule, str], str]] = {"kohya": kohya_key, "comfy": comfy_key}
 ALPHA_PER_RANK = 0.5  # the method's alpha = rank / 2, i.e. a LoRA scale of 0.5
+ID_STRENGTH = 0.85  # the weight an identity's LoRA is applied at by default (the method recommends 0.75–0.85)
 
 
 def key_function(key_format: str) -> Callable[[AttnModule, str], str]:

@@ -160,6 +160,12 @@ class HyperLoRA:
                                           self._flat)
         return self._banks[kind]
 
+    def release_bases(self) -> None:
+        """Drop the mapped (or device) basis until the next mix, which maps it again in milliseconds: its pages
+        stop counting in this process's memory (fine-tuning needs the memory for the diffusion model)."""
+        self._banks.clear()
+        self._flat = None
+
     def unload(self) -> None:
         """Drop built networks and device copies; the files stay mapped and everything rebuilds on demand."""
         self.release_networks()

@@ -15,9 +15,14 @@ import torch.nn.functional as F
 
 from .errors import HyperLoRAError
 from .finetune import Parametrisation
+from .lora_io import ID_STRENGTH
 
 MODES = ("coefficients", "rank_relaxed")
+# each mode's own AdamW learning rate (lr = 0 picks it): unit-norm coefficient tokens need larger steps than the
+# zero-initialised residual LoRA to move as far in 50 steps
+MODE_LR = {"coefficients": 1e-2, "rank_relaxed": 1e-3}
 MIN_SIDE = 64  # pixels: below this a reference photo holds too little of a face to learn from
+BATCH = 1  # latents per step by default, everywhere (node, workflow, benches)
 
 
 class RefineInputError(HyperLoRAError, ValueError):
@@ -34,13 +39,19 @@ class RefineConfig:
 
     mode: str = "rank_relaxed"  # "coefficients" (train the identity's tokens) or "rank_relaxed" (residual LoRA)
     steps: int = 50  # optimiser steps
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 0.0  # AdamW learning rate; 0: the mode's own (MODE_LR)
     rank: int = 4  # rank of the residual LoRA (rank_relaxed)
     seed: int = 0  # noise, timesteps, augmentation and the residual's initialisation
-    batch: int = 2  # latents per step; their timesteps are stratified over the schedule
+    batch: int = BATCH  # latents per step; their timesteps are stratified over the schedule
     resolution: int = 1024  # references are resized to about resolution² pixels (aspect kept, sides ÷ 64)
     augment: bool = True  # add a horizontal flip and two small seeded crops of each reference
     weight_decay: float = 0.0  # AdamW weight decay (the residual starts at zero; decay would pull it back)
+    id_strength: float = ID_STRENGTH  # the weight the identity is applied at; the prediction is trained in at it
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the run uses: ``lr``, or the mode's own where ``lr`` is 0."""
+        return self.lr or MODE_LR[self.mode]
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -48,10 +59,12 @@ class RefineConfig:
         for name, low in (("steps", 1), ("rank", 1), ("batch", 1), ("resolution", MIN_SIDE)):
             if int(getattr(self, name)) < low:
                 raise RefineInputError(f"{name} must be at least {low}, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise RefineInputError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise RefineInputError(f"lr must be a positive number (or 0 for the mode's own), got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise RefineInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.id_strength) and self.id_strength != 0):
+            raise RefineInputError(f"id_strength must be a non-zero number, got {self.id_strength}")
 
 
 def training_size(height: int, width: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
@@ -147,7 +160,7 @@ def train(param: Parametrisation, config: RefineConfig, step_loss: Callable[[tor
     parameters themselves stay float32.
     """
     params = list(param.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(params[0].device.type, enabled=loss_scaling)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
@@ -158,7 +171,7 @@ def train(param: Parametrisation, config: RefineConfig, step_loss: Callable[[tor
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDivergedError(f"the refinement loss became {value} at step {step + 1}: lower lr "
-                                        f"(it was {config.lr:g}) or use precision fp32")
+                                        f"(it was {config.learning_rate:g}) or use precision fp32")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 
 from ..hyperlora_core.config import TRIGGER_WORDS
 from ..hyperlora_core.errors import InputValueError, ModuleMismatchError
-from ..hyperlora_core.lora_io import lora_prefixes
+from ..hyperlora_core.lora_io import ID_STRENGTH, lora_prefixes
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class ApplyHyperLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="An SDXL model."),
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
                 IdentityType.Input("identity", tooltip="From HyperLoRA Face (photos) or Load HyperLoRA Identity."),
-                io.Float.Input("id_strength", default=0.85, min=-2.0, max=2.0, step=0.01,
+                io.Float.Input("id_strength", default=ID_STRENGTH, min=-2.0, max=2.0, step=0.01,
                                tooltip="LoRA weight of the identity; 0.75-0.85 is recommended."),
                 io.Float.Input("base_strength", default=0.0, min=-2.0, max=2.0, step=0.01,
                                tooltip="Weight of the Base-LoRA, for checkpoints that have one (the released "

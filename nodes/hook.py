@@ -6,6 +6,7 @@ import comfy.hooks
 from comfy_api.latest import io
 
 from ..hyperlora_core.errors import InputValueError
+from ..hyperlora_core.lora_io import ID_STRENGTH
 from .apply import check_strength, make_lora
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
@@ -41,7 +42,7 @@ class HyperLoRAHook(io.ComfyNode):
             inputs=[
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
                 IdentityType.Input("identity", tooltip="The identity."),
-                io.Float.Input("strength", default=0.85, min=-2.0, max=2.0, step=0.01,
+                io.Float.Input("strength", default=ID_STRENGTH, min=-2.0, max=2.0, step=0.01,
                                tooltip="LoRA weight of the identity while the hook is active."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the sampling at which the identity starts."),

@@ -9,11 +9,12 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw
 
-from ..hyperlora_core.refine import MODES, RefineConfig
+from ..hyperlora_core.refine import MODE_LR, MODES, RefineConfig
 from .training import PRECISIONS, refine
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)
+DEFAULTS = RefineConfig()  # one home for every default: the core's config
 
 
 def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
@@ -58,44 +59,53 @@ class HyperLoRARefine(io.ComfyNode):
                 IdentityType.Input("identity", tooltip="The predicted identity to start from."),
                 io.Image.Input("image", tooltip="Reference photos of the person (a batch). They are resized to "
                                                 "'resolution' and, for augmentation, flipped and slightly cropped."),
-                io.Combo.Input("mode", options=list(MODES), default="rank_relaxed",
+                io.Combo.Input("mode", options=list(MODES), default=DEFAULTS.mode,
                                tooltip="rank_relaxed: keep the prediction and train a rank-r residual LoRA (the "
                                        "result is one LoRA). coefficients: train the identity's own coefficients "
                                        "(the result is still a small identity file)."),
-                io.Int.Input("steps", default=50, min=1, max=5000, tooltip="Optimiser steps; about 50 is enough."),
-                io.Float.Input("lr", default=1e-3, min=1e-6, max=1.0, step=1e-5, round=False,
-                               tooltip="AdamW learning rate."),
-                io.Int.Input("rank", default=4, min=1, max=128,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=5000,
+                             tooltip="Optimiser steps; about 50 is enough."),
+                io.Float.Input("lr", default=DEFAULTS.lr, min=0.0, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate; 0 uses the mode's own: "
+                                       + ", ".join(f"{m} {v:g}" for m, v in MODE_LR.items()) + "."),
+                io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=128,
                              tooltip="Rank of the residual LoRA (rank_relaxed only)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=True,
                              tooltip="Seed of the noise, timesteps, augmentation and the residual's start; the "
                                      "same seed gives the same result."),
-                io.Int.Input("batch_size", default=1, min=1, max=16,
+                io.Int.Input("batch_size", default=DEFAULTS.batch, min=1, max=16,
                              tooltip="Noised latents per step; their timesteps are spread over the schedule."),
-                io.Int.Input("resolution", default=1024, min=256, max=2048, step=64,
+                io.Int.Input("resolution", default=DEFAULTS.resolution, min=256, max=2048, step=64,
                              tooltip="The references are resized to about resolution × resolution pixels, aspect "
                                      "kept (SDXL was trained at 1024)."),
                 io.Combo.Input("precision", options=PRECISIONS, default="auto",
                                tooltip="auto: bf16 on GPUs that support it, otherwise the model's own dtype "
                                        "(fp16 with dynamic loss scaling). fp32 is slowest and most exact."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in the backward pass: far less memory, slower "
-                                         "steps."),
+                                 tooltip="Keep only each ResBlock's and transformer's inputs and recompute the "
+                                         "rest in the backward pass: much less memory, about a third slower."),
+                io.Float.Input("id_strength", default=DEFAULTS.id_strength, min=-2.0, max=2.0, step=0.01,
+                               tooltip="The weight you will apply the identity at: the prediction is trained in "
+                                       "at it, and the output LoRA already contains it (load it at 1.0)."),
             ],
             outputs=[
-                IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode); "
-                                                                     "in rank_relaxed mode the input identity."),
-                io.LoraModel.Output(display_name="lora", tooltip="The refined LoRA (ComfyUI keys): connect it to "
-                                                                 "Load LoRA Model, or Save LoRA Weights."),
+                IdentityType.Output(display_name="identity", tooltip="The refined identity (coefficients mode; "
+                                                                     "apply it at id_strength); in rank_relaxed "
+                                                                     "mode the input identity."),
+                io.LoraModel.Output(display_name="lora", tooltip="The refined LoRA (ComfyUI keys), id_strength "
+                                                                 "included: load it at 1.0 (Load LoRA Model), "
+                                                                 "or Save LoRA Weights."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss per step."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, vae, positive, hyper_lora, identity, image, mode, steps, lr, rank, seed, batch_size=1,
-                resolution=1024, precision="auto", gradient_checkpointing=True) -> io.NodeOutput:
+    def execute(cls, model, vae, positive, hyper_lora, identity, image, mode, steps, lr, rank, seed,
+                batch_size=DEFAULTS.batch, resolution=DEFAULTS.resolution, precision="auto",
+                gradient_checkpointing=True, id_strength=DEFAULTS.id_strength) -> io.NodeOutput:
         config = RefineConfig(mode=mode, steps=steps, lr=lr, rank=rank, seed=seed, batch=batch_size,
-                              resolution=resolution)
+                              resolution=resolution, id_strength=id_strength)
         result, losses = refine(model, vae, positive, hyper_lora, identity, image, config, precision=precision,
                                 checkpointing=gradient_checkpointing)
         log.info("HyperLoRA refine (%s): loss %.4g -> %.4g over %d steps", mode, losses[0], losses[-1], len(losses))

@@ -7,10 +7,11 @@ from comfy_api.latest import io
 
 from ..hyperlora_core import interpolate, lora_difference
 from ..hyperlora_core.errors import InputValueError
+from ..hyperlora_core.lora_io import ID_STRENGTH
 from .apply import check_model, check_strength, make_lora
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
-COEFFICIENT_WEIGHT = 0.85  # an identity LoRA from coefficient space is applied at the recommended weight
+COEFFICIENT_WEIGHT = ID_STRENGTH  # an identity LoRA from coefficient space is applied at the recommended weight
 
 
 def _identity(handle, image, identity, which: str):

@@ -9,53 +9,45 @@ v-prediction and flow models are handled alike. Nothing of a run stays on the in
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import comfy.model_management as mm
 import comfy.samplers
 import comfy.utils
 import torch
-import torch.utils.checkpoint
 
 from ..hyperlora_core.finetune import CoefficientLoRA, Parametrisation, RankRelaxed, RefineResult
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
-from .apply import check_model, lora_dtype, make_lora
+from .apply import check_model, make_lora
+from .checkpointing import frozen_by_reference, gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ["auto", "bf16", "fp32"]
+ACTIVATION_FACTOR = 3  # training keeps activations for backward: a few times what one inference pass needs
 
 
 class _Delta:
-    """Weight wrapper: ``weight + delta(index)``, differentiable in the parametrisation's parameters."""
+    """Weight wrapper of a target linear: ``(weight + up @ down)`` in float32, cast back to the weight's dtype:
+    the same arithmetic as ComfyUI's LoRA patch of the saved result at strength 1.0 (never under autocast)."""
 
     def __init__(self, param: Parametrisation, index: int) -> None:
         self.param, self.index = param, index
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.param.delta(self.index).to(weight.device, weight.dtype)
-
-
-def _thaw(weight: torch.Tensor) -> torch.Tensor:
-    """Weight wrapper for frozen weights: tensors made in inference mode cannot be saved for backward."""
-    return weight.clone() if weight.is_inference() else weight
+        with torch.autocast(weight.device.type, enabled=False):
+            delta = self.param.delta(self.index).to(weight.device)
+            return (weight.float() + delta).to(weight.dtype)
 
 
 def wrapped_clone(model, param: Parametrisation):
-    """A clone of ``model`` whose target weights add the parametrisation's deltas; every other weight is thawed."""
+    """A clone of ``model`` whose target weights add the parametrisation's deltas; the others are untouched (a
+    weight wrapper would make ComfyUI copy the weight on every call)."""
     mp = model.clone()
-    targets = set()
     for index, prefix in enumerate(param.prefixes):
         mp.add_weight_wrapper(prefix + ".weight", _Delta(param, index))
-        targets.add(prefix + ".weight")
-    for name, module in mp.model.named_modules():
-        for kind in ("weight", "bias"):
-            key = f"{name}.{kind}"
-            if hasattr(module, kind + "_function") and getattr(module, kind, None) is not None and key not in targets:
-                mp.add_weight_wrapper(key, _thaw)
     return mp
 
 
@@ -72,33 +64,6 @@ def release(mp) -> None:
             if fs:
                 setattr(module, attr, [f for f in fs if id(f) not in ours])
     mp.weight_wrapper_patches = {}
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Recompute each UNet block's activations in the backward pass instead of keeping them (restored after)."""
-    blocks = []
-    if enabled:
-        for name in ("input_blocks", "middle_block", "output_blocks"):
-            part = getattr(diffusion_model, name, None)
-            if isinstance(part, torch.nn.ModuleList):
-                blocks.extend(part)
-            elif isinstance(part, torch.nn.Module):
-                blocks.append(part)
-    originals = [block.forward for block in blocks]
-
-    def checkpointed(forward: Callable) -> Callable:
-        def run(*args, **kwargs):
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return run
-
-    try:
-        for block, forward in zip(blocks, originals, strict=True):
-            block.forward = checkpointed(forward)
-        yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
 
 
 class _Once(comfy.samplers.Sampler):
@@ -177,17 +142,47 @@ def compute_dtype(mp) -> torch.dtype:
     return getattr(mp.model, "manual_cast_dtype", None) or mp.model.get_dtype()
 
 
-def _parametrisation(handle, identity, predicted, config: RefineConfig, device) -> Parametrisation:
+def _parametrisation(handle, identity, predicted, config: RefineConfig) -> Parametrisation:
     if config.mode == "coefficients":
-        return CoefficientLoRA(handle.core, identity, lora_prefixes(predicted), device,
-                               key_format="comfy", lora_dtype=lora_dtype(handle))
-    return RankRelaxed(predicted, config.rank, seed=config.seed, device=device)
+        return CoefficientLoRA(handle.core, identity, lora_prefixes(predicted), strength=config.id_strength)
+    return RankRelaxed(predicted, config.rank, seed=config.seed, strength=config.id_strength)
+
+
+def memory_required(mp, param: Parametrisation, latents: torch.Tensor, config: RefineConfig) -> float:
+    """What a run needs on the device beside the UNet's weights, for ComfyUI's model management: the
+    parametrisation's tensors (the bases in coefficients mode) and ACTIVATION_FACTOR × ComfyUI's own estimate
+    for one batch's forward pass."""
+    shape = (config.batch, *latents.shape[1:])
+    return param.device_bytes() + ACTIVATION_FACTOR * mp.memory_required(shape)
+
+
+def _train(mp, param, positive, latents: torch.Tensor, config: RefineConfig, dtype, checkpointing: bool,
+           ) -> list[float]:
+    computes = compute_dtype(mp)
+    log.info("HyperLoRA Refine: %s, %d steps, computing in %s%s.", config.mode, config.steps, computes,
+             " with dynamic loss scaling" if computes == torch.float16 else "")
+    pbar = comfy.utils.ProgressBar(config.steps)
+    losses: list[float] = []
+
+    def body(model_wrap, extra_args, x):
+        unet = model_wrap.inner_model.diffusion_model
+        with frozen_by_reference(unet), gradient_checkpointing(unet, checkpointing):
+            losses.extend(train(param, config,
+                                lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch, dtype),
+                                on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
+                                check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                loss_scaling=computes == torch.float16))
+
+    with_denoiser(mp, positive, latents, body)
+    return losses
 
 
 def refine(model, vae, positive, handle, identity, images: torch.Tensor, config: RefineConfig, *,
            precision: str = "auto", checkpointing: bool = True) -> tuple[RefineResult, list[float]]:
-    """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched."""
+    """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched.
+    The result, loaded at strength 1.0, gives exactly the weights the last step trained with."""
     predicted = make_lora(handle, identity, "id", key_format="comfy")
+    handle.core.release_bases()  # coefficients mode maps the bases it trains with itself
     check_model(model, predicted)
     device = mm.get_torch_device()
     dtype = training_dtype(precision, device)
@@ -195,26 +190,14 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
     with torch.inference_mode(False), torch.enable_grad():
         try:
             latents = encode(vae, images, config)
-            param = _parametrisation(handle, identity, predicted, config, device)
+            param = _parametrisation(handle, identity, predicted, config)
             mp = wrapped_clone(model, param)
             if dtype is not None:
                 mp.set_model_compute_dtype(dtype)
-            mm.load_models_gpu([mp], memory_required=mm.get_total_memory(device), force_full_load=True)
-            computes = compute_dtype(mp)
-            log.info("HyperLoRA Refine: %s, %d steps, computing in %s%s.", config.mode, config.steps, computes,
-                     " with dynamic loss scaling" if computes == torch.float16 else "")
-            pbar = comfy.utils.ProgressBar(config.steps)
-            losses: list[float] = []
-
-            def body(model_wrap, extra_args, x):
-                losses.extend(train(param, config, lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch,
-                                                                        dtype),
-                                    on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
-                                    check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                    loss_scaling=computes == torch.float16))
-
-            with gradient_checkpointing(mp.model.diffusion_model, checkpointing):
-                with_denoiser(mp, positive, latents, body)
+            mm.load_models_gpu([mp], memory_required=memory_required(mp, param, latents, config),
+                               force_full_load=True)
+            param.place(device)  # after ComfyUI made room for it
+            losses = _train(mp, param, positive, latents, config, dtype, checkpointing)
         finally:
             if mp is not None:
                 release(mp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hyperlora_core import lora_delta
-from hyperlora_core.finetune import CoefficientLoRA, ResidualLoRA, concat_by_rank
+from hyperlora_core.finetune import CoefficientLoRA, RankRelaxed, ResidualLoRA, concat_by_rank
 from hyperlora_core.lora_io import lora_prefixes
 
 from helpers import conditions
@@ -55,3 +55,61 @@ def test_coefficients_reproduce_the_prediction_and_train(tiny_hl):
     refined = coef.to_identity()
     assert refined.meta["refined"] == "coefficients" and not torch.equal(refined.tokens, identity.tokens)
     assert "refined" not in identity.meta
+
+
+def test_both_modes_start_from_the_prediction_at_id_strength(tiny_hl):
+    """The delta training starts from is id_strength × the prediction's delta (the residual starts at zero)."""
+    identity, lora = _identity_and_lora(tiny_hl)
+    prefixes = lora_prefixes(lora)
+    for param in (CoefficientLoRA(tiny_hl, identity, prefixes, strength=0.85), RankRelaxed(lora, 4, strength=0.85)):
+        worst = max(float((param.delta(i).detach() - 0.85 * lora_delta(lora, p)).abs().max())
+                    for i, p in enumerate(prefixes[:40]))
+        off = max(float((param.delta(i).detach() - lora_delta(lora, p)).abs().max())
+                  for i, p in enumerate(prefixes[:40]))
+        assert worst <= 1e-5 < off
+
+
+def test_token_gradients_equal_a_plain_einsum_and_bases_are_file_backed(tiny_hl):
+    """The basis mix saves the basis by reference; its gradients equal autograd through a float64 einsum on
+    bases read with safetensors (an independent reference), and the bases are views of the file, not copies."""
+    from safetensors import safe_open
+
+    identity, lora = _identity_and_lora(tiny_hl)
+    prefixes = lora_prefixes(lora)
+    coef = CoefficientLoRA(tiny_hl, identity, prefixes)
+    (sum(coef.delta(i).pow(2).sum() for i in range(12))).backward()
+    file = tiny_hl.checkpoint.files["basis"]
+    tokens = identity.tokens.detach().double().clone().requires_grad_(True)
+    total = 0
+    with safe_open(str(file.path), framework="pt") as f:
+        for i in range(12):
+            module, j = divmod(i, 4)
+            linear = ("to_q", "to_k", "to_v", "to_out")[j]
+            d_basis = f.get_tensor(f"{module}.{linear}.id_down_basis").double()
+            u_basis = f.get_tensor(f"{module}.{linear}.id_up_basis").double()
+            down = torch.einsum("k,kir->ir", tokens[8 * module + 2 * j], d_basis)
+            up = torch.einsum("k,kro->ro", tokens[8 * module + 2 * j + 1], u_basis)
+            total = total + (0.5 * up.t() @ down.t()).pow(2).sum()
+    total.backward()
+    assert torch.allclose(coef.tokens.grad.double(), tokens.grad, rtol=1e-4, atol=1e-6)
+    assert float(tokens.grad.abs().max()) > 0
+    assert coef._downs[0].untyped_storage().nbytes() == file.size  # a view of the whole mapped file
+
+
+def test_memory_lean_mixing_equals_the_core_mixing():
+    """finetune.mix_basis (a custom gradient that saves the fp16 basis, not a float32 copy) is basis.mix_bases."""
+    from hyperlora_core.basis import mix_bases
+    from hyperlora_core.finetune import mix_basis
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, 6, 3, generator=g).half()
+    coefs = torch.randn(16, generator=g)
+    ours_c = coefs.clone().requires_grad_(True)
+    ref_c = coefs.clone().requires_grad_(True)
+    ours = mix_basis(ours_c, basis)
+    ref = mix_bases(ref_c[None, None], basis[None])[0, 0]
+    assert torch.allclose(ours, ref, atol=1e-6)
+    weight = torch.randn(6, 3, generator=g)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    assert torch.allclose(ours_c.grad, ref_c.grad, atol=1e-5)

@@ -11,6 +11,9 @@ import torch
 from hyperlora_core.finetune import CoefficientLoRA, RankRelaxed
 from hyperlora_core.lora_io import lora_delta, lora_prefixes
 from hyperlora_core.refine import (
+    BATCH,
+    MODE_LR,
+    MODES,
     RefineConfig,
     RefineInputError,
     TrainingDivergedError,
@@ -29,7 +32,7 @@ BAD_CONFIGS = [
     (dict(rank=0), "rank must be at least 1"),
     (dict(batch=0), "batch must be at least 1"),
     (dict(resolution=32), "resolution must be at least 64"),
-    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(lr=-1e-3), "lr must be a positive number"),
     (dict(lr=float("nan")), "lr must be a positive number"),
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
 ]
@@ -202,3 +205,10 @@ def test_loop_stops_on_interrupt_and_on_divergence(tiny_hl):
     assert len(calls) == 3
     with pytest.raises(TrainingDivergedError, match="became nan at step 1: lower lr"):
         train(param, RefineConfig(steps=2), lambda g: (param.delta(0) ** 2).mean() * float("nan"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lr_zero_is_the_modes_own_and_batch_has_one_default(mode):
+    assert RefineConfig(mode=mode).learning_rate == MODE_LR[mode]
+    assert RefineConfig(mode=mode, lr=3e-4).learning_rate == 3e-4
+    assert RefineConfig().batch == BATCH

@@ -98,7 +98,7 @@ def refinement(*, prefix: str, steps: int = 3, mode: str = "rank_relaxed", seed:
     vae = g.add("vae", "HLTestTinyVAE", seed=0)
     refine = g.add("refine", "HyperLoRARefine", model=model, vae=g.out(vae), positive=positive, hyper_lora=hl,
                    identity=ident, image=g.out("photo"), mode=mode, steps=steps, lr=1e-2, rank=4, seed=0,
-                   batch_size=1, resolution=256, precision="auto", gradient_checkpointing=True)
+                   batch_size=1, resolution=256, precision="auto", gradient_checkpointing=True, id_strength=0.85)
     refined = g.add("lora_model", "LoraModelLoader", model=model, lora=g.out(refine, 1), strength_model=1.0)
     latent = sample(g, g.out(refined), positive, negative, seed=seed)
     image = g.add("decode", "VAEDecode", samples=latent, vae=g.out(vae))

@@ -18,7 +18,6 @@ import torch
 from comfy_server import show
 from nodepack import tiny
 
-from hyperlora_core import lora_delta
 from hyperlora_core.lora_io import lora_prefixes
 from hyperlora_core.refine import RefineConfig, draw_batch
 
@@ -80,41 +79,56 @@ def _assert_untouched(comfy, s):
     assert not changed, changed[:3]
 
 
-def _with_lora(comfy, model, lora):
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+def _with_lora(comfy, model, lora, strength: float = 1.0):
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
     return patched
 
 
+def node_defaults() -> dict:
+    """The HyperLoRARefine node's own defaults, read from its schema."""
+    schema = _pack_module("refine").HyperLoRARefine.define_schema()
+    return {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
+
+
 @pytest.mark.parametrize("mode", ["rank_relaxed", "coefficients"])
-def test_refine_learns_generalises_and_leaves_the_model(comfy, setup, mode):
+def test_the_defaults_learn_generalise_and_leave_the_model(comfy, setup, mode):
+    """At the node's defaults (lr, steps, rank, batch, id_strength; the resolution scaled by 1/8 like the tiny
+    UNet), the mean training loss of the last 10 steps is >= 5 % below the first 10's, and on held-out noise the
+    refined LoRA's loss is >= 3 % below the prediction's (both applied as the user will: the prediction at
+    id_strength, the refined LoRA at 1.0)."""
     s = setup
-    result, losses = _run(s, _config(mode))
-    assert len(losses) == STEPS
+    d = node_defaults()
+    config = RefineConfig(mode=mode, steps=d["steps"], lr=d["lr"], rank=d["rank"], seed=d["seed"],
+                          batch=d["batch_size"], resolution=d["resolution"] // 8, id_strength=d["id_strength"])
+    result, losses = _run(s, config)
+    assert len(losses) == d["steps"]
     _assert_untouched(comfy, s)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    show(f"\n{mode}: mean training loss, first 10 steps {first:.5f}, last 10 {last:.5f}")
-    assert last < first
+    show(f"\n{mode} at the defaults {config}: mean training loss, first 10 steps {first:.5f}, last 10 {last:.5f} "
+         f"({last / first - 1:+.1%})")
 
     # held out: other noise seeds (so other noise and timesteps), the references without augmentation
-    latents = s.training.encode(s.vae, s.images, RefineConfig(resolution=64, augment=False))
+    latents = s.training.encode(s.vae, s.images, RefineConfig(resolution=config.resolution, augment=False))
     predicted = s.training.make_lora(s.handle, s.identity, "id", key_format="comfy")
     held_out = [101, 202, 303]
-    base = [s.training.held_out_loss(_with_lora(comfy, s.model, predicted), s.positive, latents, k) for k in held_out]
-    ours = [s.training.held_out_loss(_with_lora(comfy, s.model, result.lora), s.positive, latents, k)
-            for k in held_out]
-    show(f"{mode}: held-out loss, prediction {sum(base) / 3:.5f}, refined {sum(ours) / 3:.5f}")
-    assert sum(ours) < sum(base)
+    base = sum(s.training.held_out_loss(_with_lora(comfy, s.model, predicted, config.id_strength), s.positive,
+                                        latents, k) for k in held_out)
+    ours = sum(s.training.held_out_loss(_with_lora(comfy, s.model, result.lora), s.positive, latents, k)
+               for k in held_out)
+    show(f"{mode}: held-out loss, prediction {base / 3:.5f}, refined {ours / 3:.5f} ({ours / base - 1:+.1%})")
+    assert last <= 0.95 * first
+    assert ours <= 0.97 * base
     _assert_untouched(comfy, s)
 
     p = lora_prefixes(result.lora)[0]
     if mode == "rank_relaxed":
         assert result.identity is None
-        assert result.lora[p + ".lora_down.weight"].shape[0] == 4 + predicted[p + ".lora_down.weight"].shape[0]
+        rank = predicted[p + ".lora_down.weight"].shape[0]
+        assert result.lora[p + ".lora_down.weight"].shape[0] == config.rank + rank
     else:
         assert result.identity.meta.get("refined") == "coefficients"
         norms = result.identity.tokens.float().norm(dim=-1)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
-        assert not torch.allclose(lora_delta(result.lora, p), lora_delta(predicted, p))
 
 
 def test_same_seed_same_result(comfy, setup):
@@ -128,11 +142,26 @@ def test_same_seed_same_result(comfy, setup):
     _assert_untouched(comfy, s)
 
 
-def test_checkpointing_gives_the_same_losses(comfy, setup):
-    """Gradient checkpointing only recomputes: the same run with and without it gives the same losses."""
+def test_checkpointing_recomputes_and_gives_the_same_losses(comfy, setup):
+    """Checkpointing really recomputes (the transformer blocks run again during backward: see also
+    test_refine_memory.py for the bytes it saves) and only recomputes: the losses are those of a run without it."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
     s = setup
-    _, with_ckpt = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=True)
-    _, without = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=False)
+    calls = {True: 0, False: 0}
+    blocks = [m for m in s.model.model.diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    hooks = [b.register_forward_pre_hook(lambda m, a: calls.__setitem__(
+        torch._C._current_graph_task_id() != -1, calls[torch._C._current_graph_task_id() != -1] + 1)) for b in blocks]
+    try:
+        _, with_ckpt = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=True)
+        in_backward = calls[True]
+        _, without = _run(s, _config("rank_relaxed", seed=5, steps=3), checkpointing=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    show(f"\ntransformer-block forwards in backward: {in_backward} with checkpointing, {calls[True] - in_backward} "
+         f"without; losses {with_ckpt} / {without}")
+    assert in_backward == 3 * len(blocks) and calls[True] == in_backward
     assert max(abs(a - b) for a, b in zip(with_ckpt, without, strict=True)) <= 1e-5 * max(with_ckpt)
     assert not [m for m in s.model.model.modules() if "forward" in m.__dict__]
     _assert_untouched(comfy, s)

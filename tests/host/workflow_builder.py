@@ -18,7 +18,10 @@ if str(ROOT) not in sys.path:  # run as a script: the core's constants (download
     sys.path.insert(0, str(ROOT))
 
 from hyperlora_core.doctor import COMMAND as DOCTOR_COMMAND  # noqa: E402
+from hyperlora_core.refine import RefineConfig  # noqa: E402
 from hyperlora_core.sources import SOURCES  # noqa: E402
+
+REFINE = RefineConfig()  # the refine node's defaults
 
 OUT = ROOT / "example_workflows"
 TRIGGER = "fcsks fxhks fhyks"
@@ -88,7 +91,8 @@ SPECS = {
                                 "filename_prefix storage", "identity_name:STRING"),
     "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING hyper_lora:HYPER_LORA "
                           "identity:HYPER_LORA_IDENTITY image:IMAGE",
-                          f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing",
+                          f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing "
+                          "id_strength",
                           "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE"),
     "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
     "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
@@ -306,7 +310,7 @@ def checkpoint(w: Workflow, pos) -> Node:
 
 
 def applied(w: Workflow, ckpt: Node, hyper: Node, ident: Node, pos) -> Node:
-    apply = w.add("ApplyHyperLoRA", pos, id_strength=0.85, base_strength=0.0)
+    apply = w.add("ApplyHyperLoRA", pos, id_strength=REFINE.id_strength, base_strength=0.0)
     w.connect(ckpt.out("MODEL"), apply, "model")
     w.connect(hyper.out("hyper_lora"), apply, "hyper_lora")
     w.connect(ident.out("identity"), apply, "identity")
@@ -478,14 +482,16 @@ def refine() -> Workflow:
                      "(HyperDreamBooth-style): a closer likeness than the zero-shot identity. The photo, flipped and "
                      "slightly cropped, is the training target; the positive prompt is the training prompt. It is "
                      "meant for a GPU: SDXL training on a CPU is very slow.", SDXL,
-                     "The refined LoRA is saved under output/loras/hyperlora/ (Save LoRA Weights); move it to "
-                     "models/loras/ to use it with the stock Load LoRA."), (0, -340))
+                     "The refined LoRA already contains id_strength: load it at 1.0. It is saved under "
+                     "output/loras/hyperlora/ (Save LoRA Weights); move it to models/loras/ to use it with the "
+                     "stock Load LoRA."), (0, -340))
     hyper, photo, ident = identity_chain(w, 0, 0)
     ckpt = checkpoint(w, (360, 460))
     pos, neg = prompts(w, ckpt, 760, 300)
-    refined = w.add("HyperLoRARefine", (1220, 0), mode="rank_relaxed", steps=50, lr=1e-3, rank=4, seed=0,
-                    control_after_generate="fixed", batch_size=1, resolution=1024, precision="auto",
-                    gradient_checkpointing=True)
+    refined = w.add("HyperLoRARefine", (1220, 0), mode=REFINE.mode, steps=REFINE.steps, lr=REFINE.lr,
+                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
+                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
+                    id_strength=REFINE.id_strength)
     for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
                          (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
                          (photo.out("IMAGE"), "image")):

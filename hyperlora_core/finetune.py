@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .arithmetic import combine_by_rank
+from .basis import token_index
 from .identity import Identity
 from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
@@ -230,8 +231,8 @@ class CoefficientLoRA(_Factored, nn.Module):
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale · (Σ b·up_basis)ᵀ [out, r], (Σ a·down_basis)ᵀ [r, in]) of linear ``index``."""
         module, j = divmod(index, len(LINEARS))
-        a = self.tokens[8 * module + 2 * j]
-        b = self.tokens[8 * module + 2 * j + 1]
+        a = self.tokens[token_index(module, j, 0)]
+        b = self.tokens[token_index(module, j, 1)]
         down = mix_basis(a, self._downs[index]).t().contiguous()  # [r, in]
         up = (self.scale * mix_basis(b, self._ups[index])).t().contiguous()  # [out, r]
         return up, down

@@ -116,7 +116,7 @@ def test_arcface_step_that_finds_nothing_fails_the_photo(analyzer, monkeypatch):
     monkeypatch.setattr(analyzer._detector, "detect", second_pass_blind)
     result = analyzer.analyze(three_faces(), index=4)
     assert not result.ok and result.n_faces == 3
-    assert "the ArcFace step found none" in result.reason
+    assert "the ArcFace step found none" in result.reason and "sizes tried: 640, 512" in result.reason
     assert "on_failure" not in result.reason  # advice for the mode that is set comes from the pipeline (issue 16)
     with pytest.raises(FaceNotFoundError, match="photo 5: a face was found"):
         result.raise_for_failure()

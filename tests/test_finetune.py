@@ -94,3 +94,22 @@ def test_token_gradients_equal_a_plain_einsum_and_bases_are_file_backed(tiny_hl)
     assert torch.allclose(coef.tokens.grad.double(), tokens.grad, rtol=1e-4, atol=1e-6)
     assert float(tokens.grad.abs().max()) > 0
     assert coef._downs[0].untyped_storage().nbytes() == file.size  # a view of the whole mapped file
+
+
+def test_memory_lean_mixing_equals_the_core_mixing():
+    """finetune.mix_basis (a custom gradient that saves the fp16 basis, not a float32 copy) is basis.mix_bases."""
+    from hyperlora_core.basis import mix_bases
+    from hyperlora_core.finetune import mix_basis
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(16, 6, 3, generator=g).half()
+    coefs = torch.randn(16, generator=g)
+    ours_c = coefs.clone().requires_grad_(True)
+    ref_c = coefs.clone().requires_grad_(True)
+    ours = mix_basis(ours_c, basis)
+    ref = mix_bases(ref_c[None, None], basis[None])[0, 0]
+    assert torch.allclose(ours, ref, atol=1e-6)
+    weight = torch.randn(6, 3, generator=g)
+    (ours * weight).sum().backward()
+    (ref * weight).sum().backward()
+    assert torch.allclose(ours_c.grad, ref_c.grad, atol=1e-5)

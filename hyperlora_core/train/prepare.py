@@ -12,15 +12,16 @@ Sizes measured on skimage's astronaut (512² photo) with ``--resolution 512``; t
 member            content                                            per sample   at 4.4 M samples
 ================  =================================================  ===========  ======================
 ``.jpg``          the photo, shorter side = resolution, JPEG q95     99 KB (512)  437 GB (~1.7 TB at 1024)
-``.id.png``       the ID crop (background grey), 224², PNG           47 KB        208 GB
-``.base.png``     the Base crop (face blurred), 224², PNG            38 KB        169 GB
+``.id.png``       the ID crop (background grey), short side 224, PNG 23 KB        101 GB
+``.base.png``     the Base crop (face blurred), short side 224, PNG  70 KB        307 GB
 ``.arcface.npy``  the normed ArcFace embedding, float32 [512]        2.2 KB       9.6 GB
 ``.txt``          the caption; ``.cls`` the identity label if any   ~0.1 KB      ~0.4 GB
 ``.json``         face box, score, yaw                               ~0.1 KB      ~0.3 GB
 ================  =================================================  ===========  ======================
 
 Crops are stored as images, not CLIP tokens: 257 × 1024 fp16 tokens are 526 KB per crop (2.3 TB per kind at
-4.4 M); the frozen CLIP ViT-L/14 instead encodes the two 224² crops of each sample in the training step. VAE
+4.4 M); the frozen CLIP ViT-L/14 instead encodes the two crops of each sample in the training step. The crops are
+the core's own (``crops.clip_crop`` with the background removed, ``crops.base_crop``), as inference makes them. VAE
 latents at 1024² (4 × 128 × 128 fp16, 131 KB, 0.58 TB) are the alternative to the photo when the resolution is
 fixed; this version stores the photo. Captions come from ``<image>.txt`` beside each image, or from one JSONL file of
 ``{"file": ..., "caption": ..., "identity": ...}`` rows. ``progress.jsonl`` in the output folder records every image
@@ -45,8 +46,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CROP_SIDE = 224  # crops are stored at CLIP's input size
-BASE_BLUR = 45 / 512  # Gaussian blur radius of the Base crop's face, as a fraction of the crop side (DESIGN.md)
-BASE_MASK_SCALE = 1.4  # the Base mask polygon is scaled about its centre by this (DESIGN.md)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,21 +85,6 @@ def verdict(result, min_face: int, max_yaw: float) -> str:
     return "ok"
 
 
-def base_crop(image: np.ndarray, landmark_106: np.ndarray) -> np.ndarray:
-    """The face blurred inside its (1.4× scaled) outline, the rest kept, cut to the CLIP crop square."""
-    from PIL import Image, ImageFilter
-
-    from ..crops import _cut, clip_crop_box, outline_mask
-
-    x0, y0, side = clip_crop_box(landmark_106)
-    crop = _cut(image, x0, y0, side)
-    points = np.asarray(landmark_106, np.float32) - np.array([x0, y0], np.float32)
-    centre = points.mean(0)
-    mask = outline_mask(centre + (points - centre) * BASE_MASK_SCALE, side)[:, :, None]
-    blurred = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(BASE_BLUR * side)), np.float32)
-    return np.rint(blurred * mask + crop.astype(np.float32) * (1 - mask)).astype(np.uint8)
-
-
 def _encode(array: np.ndarray, fmt: str, size: int | None = None, short_side: int | None = None) -> bytes:
     from PIL import Image
 
@@ -117,15 +101,15 @@ def _encode(array: np.ndarray, fmt: str, size: int | None = None, short_side: in
 
 def sample_members(key: str, image: np.ndarray, face, caption: str, identity: str | None, resolution: int,
                    ) -> dict[str, bytes]:
-    from ..crops import clip_crop
+    from ..crops import base_crop, clip_crop
 
     arc = io.BytesIO()
     np.save(arc, face.embedding.astype(np.float32), allow_pickle=False)
     members = {
         f"{key}.jpg": _encode(image, "JPEG", short_side=resolution),
         f"{key}.id.png": _encode(clip_crop(image, face.landmark_106, remove_background=True, grayscale=False),
-                                 "PNG", size=CROP_SIDE),
-        f"{key}.base.png": _encode(base_crop(image, face.landmark_106), "PNG", size=CROP_SIDE),
+                                 "PNG", short_side=CROP_SIDE),
+        f"{key}.base.png": _encode(base_crop(image, face.landmark_106), "PNG", short_side=CROP_SIDE),
         f"{key}.arcface.npy": arc.getvalue(),
         f"{key}.txt": caption.encode(),
         f"{key}.json": json.dumps({"bbox": [round(float(v), 1) for v in face.bbox], "score": float(face.det_score),

@@ -77,11 +77,11 @@ def test_identity_files_in_a_symlinked_folder_load(server, tmp_path):
     g.add("save_to_share", "SaveHyperLoRAIdentity", identity=ident, filename_prefix="to_share", storage="fp16")
     run = server.server.run(g.prompt())
     assert run.status == "success", (run.error, run.response)
-    saved = server.root / run.outputs("save_to_share")["saved_path"][0]
+    saved = server.root / run.outputs("save_to_share")["saved_path"][0]  # a full path stays one
     disk = tmp_path / "shared_identities"
     disk.mkdir()
     saved.rename(disk / "me.safetensors")
-    link = server.models / "hyper_lora" / "identities" / "shared"
+    link = saved.parent / "shared"
     link.symlink_to(disk, target_is_directory=True)
     try:
         assert "shared/me.safetensors" in options(server, "LoadHyperLoRAIdentity", "identity")
@@ -194,8 +194,10 @@ def test_saves_report_the_path_they_wrote(server):
     ident_path = run.outputs("save_identity")["saved_path"][0]
     show(f"\nsaved: {lora}, {ident_path}")
     assert lora.startswith("models/loras/first_hour/me_") and lora.endswith(".safetensors"), lora
-    assert ident_path.startswith("models/hyper_lora/identities/first_hour_me_"), ident_path
-    assert (server.root / lora).is_file() and (server.root / ident_path).is_file()
+    # identities go to the first identities folder, here the extra_model_paths one outside models/: a full path
+    assert ident_path == str(server.identity_folders[0] / Path(ident_path).name), ident_path
+    assert Path(ident_path).name.startswith("first_hour_me_"), ident_path
+    assert (server.root / lora).is_file() and Path(ident_path).is_file()
 
 
 # -- point 13: API users get the trigger-word warning ----------------------------------------------------------------

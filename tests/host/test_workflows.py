@@ -34,14 +34,15 @@ MODEL_FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("ControlNetLoader
 # where the Note must send each model (always the first three), and which loader needs which folder
 ALWAYS = ("models/hyper_lora/", "models/hyper_lora/clip_vit/clip_vit_large_14", "models/insightface/models/antelopev2")
 FOLDER_OF = {"CheckpointLoaderSimple": "models/checkpoints", "ControlNetLoader": "models/controlnet"}
-COUNTS = {"validated": 0, "same graph": 0, "run": 0}
+COUNTS = {"validated": 0, "same graph": 0, "run": 0, "clip skip": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_counts():
     yield
     show(f"\nexample workflows: {len(NAMES)} found; {COUNTS['validated']} validated against /object_info, "
-         f"{COUNTS['same graph']} API twins equal to their UI graph, {COUNTS['run']} API twins run to success")
+         f"{COUNTS['same graph']} API twins equal to their UI graph, {COUNTS['run']} API twins run to success "
+         f"({COUNTS['clip skip']} of them through CLIP Set Last Layer at -2)")
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +262,16 @@ def for_tiny_models(prompt: dict, *, keep_photos: bool = False) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 def test_api_twin_runs_on_tiny_models(server, name):
     prompt = for_tiny_models(load(name, api=True))
+    skips = [v for v in prompt.values() if v["class_type"] == "CLIPSetLastLayer"]
+    if any(v["class_type"] == "CLIPTextEncode" for v in prompt.values()):  # SDXL text: CLIP skip -2, as trained
+        assert skips and all(v["inputs"]["stop_at_clip_layer"] == -2 for v in skips), name
     run = server.server.run(prompt, timeout=300)
     assert run.status == "success", (run.error, run.response)
     outputs = {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage", "SaveHyperLoRA",
                                                                      "SaveHyperLoRAIdentity")}
     assert outputs <= set(run.history["outputs"]) | set(run.cached), (outputs, run.history["outputs"].keys())
     COUNTS["run"] += 1
+    COUNTS["clip skip"] += bool(skips)
 
 
 def test_docs_api_recipe_works(server, tmp_path):

@@ -1,7 +1,7 @@
 """Host tier: bad inputs over /prompt, catalogued. Each gives an execution_error raised by our code with our text
 (naming the input and what to do), and a good prompt queued right after it succeeds on the same server.
 
-Values the schema itself excludes (negative steps, lr 0, a huge rank) are refused by ComfyUI's validation with
+Values the schema itself excludes (negative steps, a negative lr, a huge rank) are refused by ComfyUI's validation with
 HTTP 400 naming the input. The bad images and foreign models come from tests/host/nodepack/faults.py.
 """
 
@@ -314,7 +314,7 @@ def generation_with(node_id: str, **inputs) -> dict:
 # case -> (prompt, node id, input name): values outside the schema's own range
 SCHEMA_REFUSED = {
     "negative_steps": (lambda: refine_graph(steps=-5), "refine", "steps"),
-    "lr_zero": (lambda: refine_graph(lr=0.0), "refine", "lr"),
+    "lr_negative": (lambda: refine_graph(lr=-1e-3), "refine", "lr"),  # lr 0 means "the mode's own rate"
     "huge_rank": (lambda: refine_graph(rank=10**9), "refine", "rank"),
     "negative_face_index": (lambda: generation_with("from_image", face_index=-7), "from_image", "face_index"),
     "strength_beyond_range": (lambda: generation_with("apply", id_strength=1e9), "apply", "id_strength"),

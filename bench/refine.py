@@ -137,29 +137,31 @@ class SavedBytes:
 
 def run_refine(training, refine_mod, model, hl, positive, images, mode: str, checkpointing: bool, steps: int,
                precision: str, sync) -> dict:
-    """One refinement run, timed per step (check_interrupt marks each step's start) and its saved bytes counted."""
-    import comfy.model_management as mm
+    """One refinement run, timed per step (the node's progress bar marks each step's end) and its saved bytes
+    counted. The first step also encodes and loads, so s/step is the median of the later steps."""
+    import comfy.utils
     import torch
 
     identity = predicted_identity(hl)
     handle = type("Handle", (), {"core": hl})()
     config = refine_mod.RefineConfig(mode=mode, steps=steps, seed=0, resolution=images.shape[1])
     saved = SavedBytes({p.untyped_storage().data_ptr() for p in model.model.parameters()})
-    stamps: list[float] = []
-    real_check = mm.throw_exception_if_processing_interrupted
+    ends: list[float] = []
 
-    def stamp():
+    def step_done(value, total, preview, node_id=None):
+        if total != steps or value != len(ends) + 1:  # another bar (the prediction's mixing)
+            return
         sync()
-        stamps.append(time.perf_counter())
-        if len(stamps) > 1:
-            saved.next_step()
-            sys.stderr.write(f"  {mode}, checkpointing {checkpointing}: step {len(stamps) - 1} took "
-                             f"{stamps[-1] - stamps[-2]:.1f} s, saved {saved.steps[-1] / 2**30:.3f} GiB, "
-                             f"max RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB\n")
-            sys.stderr.flush()
-        real_check()
+        ends.append(time.perf_counter())
+        saved.next_step()
+        took = ends[-1] - (ends[-2] if len(ends) > 1 else t0)
+        sys.stderr.write(f"  {mode}, checkpointing {checkpointing}: step {value}/{total} took {took:.1f} s, saved "
+                         f"{saved.steps[-1] / 2**30:.3f} GiB, max RSS so far "
+                         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB\n")
+        sys.stderr.flush()
 
-    mm.throw_exception_if_processing_interrupted = stamp
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(step_done)
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             t0 = time.perf_counter()
@@ -167,12 +169,11 @@ def run_refine(training, refine_mod, model, hl, positive, images, mode: str, che
                                              precision=precision, checkpointing=checkpointing)
             total = time.perf_counter() - t0
     finally:
-        mm.throw_exception_if_processing_interrupted = real_check
-    saved.next_step()
-    stamps.append(stamps[-1] + max(0.0, total - (stamps[-1] - t0)))  # the last step ends when refine returns
-    times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"step_s": statistics.median(times[1:] or times), "total_s": total, "saved_bytes": max(saved.steps),
-            "first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses), "lora": result.lora}
+        comfy.utils.set_progress_bar_global_hook(previous)
+    times = [b - a for a, b in zip([t0, *ends], ends, strict=False)]
+    return {"step_s": statistics.median(times[1:] or times), "first_step_s": times[0], "total_s": total,
+            "saved_bytes": max(saved.steps), "first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses),
+            "lora": result.lora}
 
 
 def one(args) -> dict:

@@ -153,6 +153,7 @@ class Record:
 class SoakResult:
     records: list[Record] = field(default_factory=list)
     rss: dict[int, int] = field(default_factory=dict)  # prompts done -> server RSS in bytes
+    anon: dict[int, int] = field(default_factory=dict)  # prompts done -> its anonymous part (what leaks grow)
     queue: dict = field(default_factory=dict)  # /queue at the end: running and pending counts
     temp_files: list[str] = field(default_factory=list)  # temporary files left in the server's TMPDIR or saves
     foreign_temp: list[str] = field(default_factory=list)  # FOREIGN_TEMP files found in the server's TMPDIR
@@ -226,9 +227,10 @@ def soak(server, root: Path, prompts: int, identity_folders: list[Path], log=Non
             if name:
                 saved.append(name)
         if i % RSS_EVERY == 0 or i == prompts:
-            result.rss[i] = server.rss()
+            result.rss[i], result.anon[i] = server.rss(), server.anon_rss()
             if log:
-                log(f"prompt {i}: server RSS {result.rss[i] / 2**20:.1f} MiB")
+                log(f"prompt {i}: server RSS {result.rss[i] / 2**20:.1f} MiB, "
+                    f"anonymous {result.anon[i] / 2**20:.1f} MiB")
     queue = server.get_json("/queue")
     result.queue = {"running": len(queue["queue_running"]), "pending": len(queue["queue_pending"])}
     result.temp_files, result.foreign_temp = leftovers(server, root)
@@ -264,8 +266,12 @@ def report(result: SoakResult) -> str:
     lines += [f"| {k} | {n} | {ok} | {p50:.2f} | {p95:.2f} | {ratio:.2f}x |"
               for k, n, ok, p50, p95, ratio in latency_table(result)]
     first = min(result.rss)
-    lines += ["", "| after prompt | server RSS (MiB) | vs. after prompt " + str(first) + " |", "|---:|---:|---:|"]
-    lines += [f"| {n} | {b / 2**20:.1f} | {b / result.rss[first]:.3f}x |" for n, b in sorted(result.rss.items())]
+    lines += ["", f"| after prompt | server RSS (MiB) | vs. after prompt {first} | anonymous (MiB) | vs. after prompt "
+              f"{first} |", "|---:|---:|---:|---:|---:|"]
+    for n, b in sorted(result.rss.items()):
+        anon = result.anon.get(n)
+        tail = f"{anon / 2**20:.1f} | {anon / result.anon[first]:.3f}x |" if anon else "- | - |"
+        lines.append(f"| {n} | {b / 2**20:.1f} | {b / result.rss[first]:.3f}x | {tail}")
     lines += ["", f"queue at the end: {result.queue['running']} running, {result.queue['pending']} pending; "
               f"temporary files left: {len(result.temp_files)} (besides {len(result.foreign_temp)} of "
               f"{', '.join(FOREIGN_TEMP)}: {'; '.join(FOREIGN_TEMP.values())}); "
@@ -279,6 +285,7 @@ def from_json(path: Path) -> SoakResult:
     data = json.loads(path.read_text())
     files = data["temp_files"] + data.get("foreign_temp", [])
     return SoakResult(records=[Record(**r) for r in data["records"]], rss={int(k): v for k, v in data["rss"].items()},
+                      anon={int(k): v for k, v in data.get("anon", {}).items()},
                       queue=data["queue"], temp_files=[f for f in files if Path(f).name not in FOREIGN_TEMP],
                       foreign_temp=[f for f in files if Path(f).name in FOREIGN_TEMP])
 
@@ -336,6 +343,7 @@ def main() -> None:
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps({"records": [asdict(r) for r in result.records], "rss": result.rss,
+                                         "anon": result.anon,
                                          "queue": result.queue, "temp_files": result.temp_files,
                                          "foreign_temp": result.foreign_temp}, indent=1))
 

@@ -151,6 +151,19 @@ class ComfyServer:
 
         return psutil.Process(self.proc.pid).memory_info().rss
 
+    def anon_rss(self) -> int:
+        """The anonymous part of its resident memory (tensors, Python objects: what a leak grows), in bytes.
+
+        The rest is file-backed (memory-mapped checkpoints, libraries), which the kernel drops and reloads with
+        the machine's memory pressure. Linux only; elsewhere the whole RSS.
+        """
+        status = Path(f"/proc/{self.proc.pid}/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return self.rss()
+
     def alive(self) -> bool:
         return self.get("/system_stats", timeout=10)[0] == 200
 

@@ -74,8 +74,8 @@ class ServerRoot:
 
     @property
     def identity_folders(self) -> list[Path]:
-        """Where identities are looked up: the extra_model_paths folder (first: saves go there), then the default."""
-        return [self.root / "extra_models" / "identities", self.models / "hyper_lora" / "identities"]
+        """Where identities are looked up: the default (first: saves go there), then the extra_model_paths one."""
+        return [self.models / "hyper_lora" / "identities", self.root / "extra_models" / "identities"]
 
 
 def build_root(root: Path, clip_folder: Path) -> Path:
@@ -93,10 +93,11 @@ def build_root(root: Path, clip_folder: Path) -> Path:
     basis = hyper / "tiny_corrupt" / "hyper_lora_modules.safetensors"
     basis.write_bytes(basis.read_bytes()[: basis.stat().st_size // 2])  # an interrupted download
     write_antelopev2(root / "models" / "insightface" / "models" / "antelopev2")
-    extra = root / "extra_models"  # a second identities folder, as extra_model_paths.yaml adds one
-    (extra / "identities").mkdir(parents=True)
+    extra = root / "extra_models"  # a second identities folder, as extra_model_paths.yaml adds one; listed after
+    (extra / "identities").mkdir(parents=True)  # the default, so that saves still go to models/hyper_lora/identities
     (root / "extra_model_paths.yaml").write_text(
-        f"hyperlora_tests:\n    base_path: {extra}\n    hyper_lora_identities: identities\n")
+        f"hyperlora_tests:\n    base_path: {root}\n    hyper_lora_identities: |\n"
+        "        models/hyper_lora/identities\n        extra_models/identities\n")
     nodes = root / "custom_nodes"
     nodes.mkdir()
     (nodes / "ComfyUI-HyperLoRA").symlink_to(PACKAGE, target_is_directory=True)
@@ -104,12 +105,8 @@ def build_root(root: Path, clip_folder: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, request):
-    """The real ComfyUI (``main.py --cpu``) on a free loopback port over a throw-away root.
-
-    Its log is <root>/comfyui.log; a failing test that used it shows the log's tail.
-    """
+def serve(tmp_path_factory, request):
+    """Start the real ComfyUI (``main.py --cpu``) on a free loopback port over a fresh throw-away root; yield it."""
     if not HAS_COMFYUI:
         pytest.skip(SKIP_REASON)
     pytest.importorskip("aiohttp", reason="the host tier follows /ws with aiohttp (a ComfyUI requirement)")
@@ -124,11 +121,24 @@ def server(tmp_path_factory, request):
         running.stop()
 
 
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, request):
+    """The real ComfyUI shared by the host tier. Its log is <root>/comfyui.log; a failing test that used it shows
+    the log's tail."""
+    yield from serve(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory, request):
+    """A server for one module alone (the soak measures its memory, not what other modules left in it)."""
+    yield from serve(tmp_path_factory, request)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failing test that used the server gets the tail of the server's log in its report."""
     outcome = yield
     report = outcome.get_result()
-    holder = item.funcargs.get("server") if hasattr(item, "funcargs") else None
-    if report.failed and isinstance(holder, ServerRoot):
-        report.sections.append(("ComfyUI log (tail)", holder.server.log_tail(80)))
+    holders = [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, ServerRoot)]
+    if report.failed and holders:
+        report.sections.append(("ComfyUI log (tail)", holders[0].server.log_tail(80)))

@@ -1,7 +1,7 @@
 """Host tier: bad inputs over /prompt, catalogued. Each gives an execution_error raised by our code with our text
 (naming the input and what to do), and a good prompt queued right after it succeeds on the same server.
 
-Values the schema itself excludes (negative steps, lr 0, a huge rank) are refused by ComfyUI's validation with
+Values the schema itself excludes (negative steps, a negative lr, a huge rank) are refused by ComfyUI's validation with
 HTTP 400 naming the input. The bad images and foreign models come from tests/host/nodepack/faults.py.
 """
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 from comfy_server import show
 from graphs import Graph, apply, conditioning, decode_and_save, generation, identity, sample
-from verdicts import assert_good_prompt_runs, assert_ours, explain, from_image, loader
+from verdicts import assert_good_prompt_runs, assert_ours, explain, forget, from_image, loader
 
 FOREIGN, TWIN, CORRUPT, BOMB, LORA = "foreign.safetensors", "twin.safetensors", "corrupt.safetensors", \
     "bomb.safetensors", "a_lora.safetensors"
@@ -210,7 +210,7 @@ def identity_files(server):
 
     from helpers import TINY_CLIP_WIDTH, conditions
 
-    extra, default = server.identity_folders
+    default, extra = server.identity_folders
     default.mkdir(parents=True, exist_ok=True)
     other = load_hyperlora(server.models / "hyper_lora" / "tiny_b", unet=HOST_UNET)
     clip, arc = conditions(1, seed=3, clip_dim=TINY_CLIP_WIDTH)
@@ -235,6 +235,7 @@ def test_bad_input_gives_our_error(identity_files, case):
     server = identity_files
     spec = CASES[case]
     run = server.server.run(spec.build(server).prompt())
+    forget(server, run)
     show(f"\n{case}: {explain(run)}")
     assert_ours(run, spec.node, spec.words)
     assert "sampler" not in run.executed  # refused before sampling
@@ -313,7 +314,7 @@ def generation_with(node_id: str, **inputs) -> dict:
 # case -> (prompt, node id, input name): values outside the schema's own range
 SCHEMA_REFUSED = {
     "negative_steps": (lambda: refine_graph(steps=-5), "refine", "steps"),
-    "lr_zero": (lambda: refine_graph(lr=0.0), "refine", "lr"),
+    "lr_negative": (lambda: refine_graph(lr=-1e-3), "refine", "lr"),  # lr 0 means "the mode's own rate"
     "huge_rank": (lambda: refine_graph(rank=10**9), "refine", "rank"),
     "negative_face_index": (lambda: generation_with("from_image", face_index=-7), "from_image", "face_index"),
     "strength_beyond_range": (lambda: generation_with("apply", id_strength=1e9), "apply", "id_strength"),

@@ -17,7 +17,10 @@ def with_identity(server):
 
 
 def test_identity_generation_succeeds_and_changes_the_image(server, with_identity):
-    assert {"load", "from_image", "apply", "sampler", "decode", "save"} <= set(with_identity.executed)
+    # earlier modules on the shared server may have run the same loader: it may come from ComfyUI's cache
+    ran = set(with_identity.executed)
+    assert {"sampler", "decode", "save"} <= ran, ran
+    assert {"load", "from_image", "apply"} <= ran | set(with_identity.cached), (ran, with_identity.cached)
     plain = server.server.run(generation(prefix="e2e_plain", seed=1, with_identity=False).prompt())
     assert plain.status == "success", (plain.error, plain.response)
     a, b = saved_image(server, with_identity), saved_image(server, plain)

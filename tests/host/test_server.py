@@ -10,7 +10,7 @@ from graphs import Graph, conditioning, decode_and_save, sample, saved_image, ti
 
 # issue 4's contract: node id -> input names (public API)
 CONTRACT = {
-    "LoadHyperLoRA": ["checkpoint", "face_analyzer", "provider", "dtype", "clip_vision"],
+    "LoadHyperLoRA": ["checkpoint", "face_analyzer", "provider", "dtype", "clip_vision", "keep_networks"],
     "HyperLoRAFromImage": ["hyper_lora", "image", "remove_background", "grayscale", "face_index", "on_failure",
                            "crop", "crop_scale_LRTB", "safe_crop"],
     "ApplyHyperLoRA": ["model", "hyper_lora", "identity", "id_strength", "base_strength"],

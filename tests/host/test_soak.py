@@ -1,8 +1,10 @@
-"""Host tier: bench/soak.py at 100 prompts on the shared server (the README's table is the same bench at 500).
+"""Host tier: bench/soak.py at 100 prompts on a server of its own (the README's table is the same bench at 500).
 
-Goals: every good prompt succeeds and every bad one fails with our error; the server's RSS after the last prompt is
-within 5 % of its RSS after prompt 50 (identities, LoRAs and clones are freed); the queue ends empty; no temporary
-file is left behind. Latencies are printed, never asserted.
+Goals: every good prompt succeeds and every bad one fails with our error; the server's anonymous RSS after the last
+prompt is within 5 % of that after prompt 50 (identities, LoRAs and clones are freed; the file-backed rest of the
+RSS, the memory-mapped checkpoints, is dropped and reloaded by the kernel as other processes need memory: one run
+saw the whole RSS fall 17 % between prompts 50 and 100); the queue ends empty; no temporary file is left behind.
+Latencies are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ def load_bench():
     return module
 
 
-def test_soak_holds_memory_and_answers_every_prompt(server):
-    soak = load_bench()
+def test_soak_holds_memory_and_answers_every_prompt(own_server):
+    soak, server = load_bench(), own_server
     result = soak.soak(server.server, server.root, PROMPTS, server.identity_folders, log=show)
-    show(f"\nsoak, {PROMPTS} prompts on the shared host-tier server:\n{soak.report(result)}")
+    show(f"\nsoak, {PROMPTS} prompts on a server of its own:\n{soak.report(result)}")
     kinds = {r.kind for r in result.records}
     assert kinds == set(soak.SCHEDULE) | {"bad"}, kinds
     assert sum(r.kind == "bad" for r in result.records) == PROMPTS // 10
@@ -36,6 +38,7 @@ def test_soak_holds_memory_and_answers_every_prompt(server):
     assert result.queue == {"running": 0, "pending": 0}, result.queue
     assert result.temp_files == [], result.temp_files
     assert len(result.foreign_temp) <= len(soak.FOREIGN_TEMP), result.foreign_temp
-    first, last = result.rss[soak.RSS_EVERY], result.rss[PROMPTS]
-    assert abs(last / first - 1) <= RSS_GROWTH, f"RSS {first / 2**20:.1f} MiB after prompt 50, " \
+    # the anonymous part: the file-backed rest (memory-mapped checkpoints) follows the machine's memory pressure
+    first, last = result.anon[soak.RSS_EVERY], result.anon[PROMPTS]
+    assert abs(last / first - 1) <= RSS_GROWTH, f"anonymous RSS {first / 2**20:.1f} MiB after prompt 50, " \
                                                 f"{last / 2**20:.1f} MiB after prompt {PROMPTS}"

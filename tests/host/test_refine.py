@@ -6,10 +6,7 @@ from ComfyUI's own classes, the HyperLoRA a synthetic checkpoint for that UNet.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +18,8 @@ from nodepack import tiny
 from hyperlora_core.lora_io import lora_prefixes
 from hyperlora_core.refine import RefineConfig, draw_batch
 
+from helpers import pack_module
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a photo of fcsks fxhks fhyks, portrait"
 STEPS = 30
@@ -28,14 +27,8 @@ LR = {"rank_relaxed": 1e-2, "coefficients": 1e-2}
 
 
 def _pack_module(name: str):
-    package = "hyperlora_pack_under_test"
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(package, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.nodes.{name}")
+    """``nodes.<name>`` of the repository, imported as a package."""
+    return pack_module(f"nodes.{name}")
 
 
 def _photos(side: int = 64) -> torch.Tensor:

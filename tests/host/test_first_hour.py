@@ -194,10 +194,10 @@ def test_saves_report_the_path_they_wrote(server):
     ident_path = run.outputs("save_identity")["saved_path"][0]
     show(f"\nsaved: {lora}, {ident_path}")
     assert lora.startswith("models/loras/first_hour/me_") and lora.endswith(".safetensors"), lora
-    # identities go to the first identities folder, here the extra_model_paths one outside models/: a full path
-    assert ident_path == str(server.identity_folders[0] / Path(ident_path).name), ident_path
+    # identities go to the first identities folder (models/hyper_lora/identities), shown relative to ComfyUI's root
+    assert (server.root / ident_path).parent == server.identity_folders[0], ident_path
     assert Path(ident_path).name.startswith("first_hour_me_"), ident_path
-    assert (server.root / lora).is_file() and Path(ident_path).is_file()
+    assert (server.root / lora).is_file() and (server.root / ident_path).is_file()
 
 
 # -- point 13: API users get the trigger-word warning ----------------------------------------------------------------

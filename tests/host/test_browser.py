@@ -153,7 +153,7 @@ def test_guard_button_stays_visible_with_the_prompt_selected(seen):
     assert state["after"] is False and state["prompt"].startswith(TRIGGER), state
 
 
-def test_save_nodes_show_where_they_wrote(seen):
+def test_save_nodes_show_where_they_wrote(seen, server):
     """Point 9: queued from the UI, Save HyperLoRA as LoRA and Save HyperLoRA Identity show the saved path on the
     node; the line is not saved with the workflow."""
     saves = seen["saves"]
@@ -162,8 +162,10 @@ def test_save_nodes_show_where_they_wrote(seen):
     assert saves["before"] == {"lora": "", "identity": ""}, saves
     assert saves["after"]["lora"].startswith("models/loras/browser/me_"), saves
     assert saves["after"]["lora"].endswith(".safetensors"), saves
-    identity = Path(saves["after"]["identity"])  # the extra_model_paths folder outside models/: a full path
-    assert identity.name.startswith("browser_me_") and identity.is_absolute() and identity.is_file(), saves
+    identity = Path(saves["after"]["identity"])  # the first identities folder, relative to ComfyUI's root
+    assert identity.name.startswith("browser_me_"), saves
+    assert (server.root / identity).parent == server.identity_folders[0], saves
+    assert (server.root / identity).is_file(), saves
     assert saves["widgetsValues"] == ["browser/me"], saves
 
 

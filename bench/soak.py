@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +41,8 @@ from graphs import FROM_IMAGE, Graph, apply, conditioning, decode_and_save, gene
 SCHEDULE = ("plain", "new_photo", "same_photo", "strength", "hook", "save", "load", "slider", "same_photo")
 SEEN_PHOTOS = (1, 2, 3, 4)  # image seeds of the photos "same_photo" comes back to
 STRENGTHS = (0.5, 0.85, 1.2)
-RSS_EVERY = 50
+RSS_EVERY = int(os.environ.get("HYPERLORA_SOAK_RSS_EVERY", "50"))
+WINDOW = len(SCHEDULE) + 1  # prompts in which every kind, and one bad prompt, runs once
 OUR_ERRORS = ("hyperlora_core.errors.",)  # module path of the exception types our nodes raise
 # files other libraries keep in TMPDIR by design, one each, never growing: name -> who writes it
 FOREIGN_TEMP = {".ses": "onnxruntime's telemetry session record, written when its first InferenceSession starts"}
@@ -154,9 +156,19 @@ class SoakResult:
     records: list[Record] = field(default_factory=list)
     rss: dict[int, int] = field(default_factory=dict)  # prompts done -> server RSS in bytes
     anon: dict[int, int] = field(default_factory=dict)  # prompts done -> its anonymous part (what leaks grow)
+    trace: dict[int, int] = field(default_factory=dict)  # every prompt done -> anonymous RSS, for window peaks
     queue: dict = field(default_factory=dict)  # /queue at the end: running and pending counts
     temp_files: list[str] = field(default_factory=list)  # temporary files left in the server's TMPDIR or saves
     foreign_temp: list[str] = field(default_factory=list)  # FOREIGN_TEMP files found in the server's TMPDIR
+
+    def window_peak(self, end: int, size: int = WINDOW) -> int:
+        """The highest anonymous RSS over the ``size`` prompts ending at ``end``.
+
+        One window holds each prompt kind once, so a transient that one kind keeps until the next prompt (a
+        reloaded network, a cached node output) is in every window, and only growth from window to window is a
+        leak. A single reading after a given prompt swings by ~170 MiB with the kind that ran last.
+        """
+        return max(v for i, v in self.trace.items() if end - size < i <= end)
 
     def failures(self) -> list[Record]:
         """Good prompts that failed, and bad ones that did not fail with our error."""
@@ -226,6 +238,7 @@ def soak(server, root: Path, prompts: int, identity_folders: list[Path], log=Non
             name = newest_identity(identity_folders, started_wall - 1)
             if name:
                 saved.append(name)
+        result.trace[i] = server.anon_rss()
         if i % RSS_EVERY == 0 or i == prompts:
             result.rss[i], result.anon[i] = server.rss(), server.anon_rss()
             if log:

@@ -29,21 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from core import proc_status  # bench/core.py: RssAnon, RssFile, VmHWM of this process
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 STAGES = ("load", "photo", "lora", "photo2", "lora2")
 LABELS = {"load": "Load HyperLoRA", "photo": "1st photo -> identity", "lora": "1st identity -> LoRA",
           "photo2": "2nd photo -> identity", "lora2": "2nd identity -> LoRA"}
-
-
-def status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def data_files(folder: Path) -> list[Path]:
@@ -119,7 +112,7 @@ def child(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="cold_start_"))
     faces = write_antelopev2(work / "antelopev2")
     images = [photo(work, 0), photo(work, 1)]
-    base = status()
+    base = proc_status()
     result: dict[str, dict] = {}
     handle = identity = None
     keep = {"keep_networks": True} if args.mode == "keep" else {}
@@ -128,7 +121,7 @@ def child(args) -> None:
         t0 = time.perf_counter()
         value = fn()
         seconds = time.perf_counter() - t0
-        now = status()
+        now = proc_status()
         result[name] = {"s": seconds, "anon": now["RssAnon"] - base["RssAnon"],
                         "file": now["RssFile"] - base["RssFile"], "peak": now["VmHWM"]}
         return value

@@ -5,7 +5,8 @@ the attention linears under the names our Apply node patches (``diffusion_model.
 per-sample LoRA factors are added by forward hooks on those linears, so the frozen weights are never copied;
 noising and the loss follow the model's own ``model_sampling`` (the loss is the MSE of the model output: ε for
 eps models, v for v-prediction), as the refine node does. The text side (CLIP-L + CLIP-G for SDXL) is encoded
-once per distinct caption and cached. Letters: ``b`` samples, ``n`` tokens, ``i``/``o`` widths, ``r`` rank.
+once per distinct caption and cached. Validation pictures come from ComfyUI's sampler and the model's VAE.
+Letters: ``b`` samples, ``n`` tokens, ``i``/``o`` widths, ``r`` rank.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from hyperlora_core.topology import LINEARS, AttnModule, UNetSpec, comfy_key, sdxl_modules
-from hyperlora_core.train.denoiser import Batch, Factors
+from hyperlora_core.train.config import ValidationConfig
+from hyperlora_core.train.denoiser import Batch, Factors, select
 
 CACHE_CAPTIONS = 4096  # distinct captions whose text encoding is kept
 
@@ -51,8 +53,9 @@ def find_targets(diffusion_model: torch.nn.Module,
 class ComfyDenoiser:
     """A frozen ComfyUI SDXL model (``ModelPatcher``) and its text encoder (``comfy.sd.CLIP``) as a Denoiser."""
 
-    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024) -> None:
-        self.patcher, self.clip, self.resolution = patcher, clip, resolution
+    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024,
+                 vae=None) -> None:
+        self.patcher, self.clip, self.resolution, self.vae = patcher, clip, resolution, vae  # vae: for sample()
         self.model = patcher.model
         self.device = torch.device(device)
         self.model.to(self.device).requires_grad_(False).eval()
@@ -102,23 +105,58 @@ class ComfyDenoiser:
             return output + torch.einsum("bnr,bor->bno", hidden, up.to(x.dtype)).to(output.dtype)
         return add_lora
 
+    def _encoded(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cond [1, 77, context], pooled [1, p], y [1, adm] at the training resolution) of one caption, cached."""
+        if caption not in self._captions:
+            with torch.no_grad():
+                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+                side = self.resolution
+                y = self.model.encode_adm(pooled_output=pooled, width=side, height=side, crop_w=0, crop_h=0,
+                                          target_width=side, target_height=side)
+            if len(self._captions) >= CACHE_CAPTIONS:
+                self._captions.pop(next(iter(self._captions)))
+            self._captions[caption] = (cond.to(self.device), pooled.to(self.device), y.to(self.device))
+        return self._captions[caption]
+
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """{"c_crossattn": [b, 77, context], "y": [b, adm]} (SDXL's size conditioning at the training resolution)."""
-        conds, ys = [], []
-        for caption in captions:
-            if caption not in self._captions:
-                with torch.no_grad():
-                    cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
-                    side = self.resolution
-                    y = self.model.encode_adm(pooled_output=pooled, width=side, height=side, crop_w=0, crop_h=0,
-                                              target_width=side, target_height=side)
-                if len(self._captions) >= CACHE_CAPTIONS:
-                    self._captions.pop(next(iter(self._captions)))
-                self._captions[caption] = (cond.to(self.device), y.to(self.device))
-            cond, y = self._captions[caption]
-            conds.append(cond)
-            ys.append(y)
-        return {"c_crossattn": torch.cat(conds), "y": torch.cat(ys)}
+        encoded = [self._encoded(caption) for caption in captions]
+        return {"c_crossattn": torch.cat([e[0] for e in encoded]), "y": torch.cat([e[2] for e in encoded])}
+
+    def _conditioning(self, caption: str, side: int) -> list:
+        """ComfyUI CONDITIONING of one caption for a side² picture (what CLIPTextEncode gives, sizes set)."""
+        cond, pooled, _ = self._encoded(caption)
+        return [[cond, {"pooled_output": pooled, "width": side, "height": side, "target_width": side,
+                        "target_height": side}]]
+
+    @torch.no_grad()
+    def sample(self, captions: Sequence[str], lora: Factors | None, settings: ValidationConfig) -> torch.Tensor:
+        """Pictures from ComfyUI's own sampler (``comfy.sample.sample``: KSampler ``settings.sampler`` /
+        ``settings.scheduler``, CFG against ``settings.negative``) with the LoRA added by the hooks, decoded by the
+        VAE: [b, res, res, 3] RGB in 0..1. One picture per call, so the batch-1 LoRA of picture i applies to both
+        halves of a CFG batch, as a LoRA patched into the weights would."""
+        import comfy.sample
+
+        if self.vae is None:
+            raise RuntimeError("sampling needs the base model's VAE: build ComfyDenoiser with vae= "
+                               "(load_comfy_denoiser does)")
+        side = settings.resolution // 8
+        negative = self._conditioning(settings.negative, settings.resolution)
+        shared = lora is None or next(iter(lora.values()))[0].shape[0] == 1
+        images = []
+        for i, caption in enumerate(captions):
+            latent = torch.zeros(1, self.model.latent_format.latent_channels, side, side)
+            noise = comfy.sample.prepare_noise(latent, settings.seed + i)
+            self._lora = lora if shared else select(lora, i)
+            try:
+                samples = comfy.sample.sample(self.patcher, noise, settings.steps, settings.cfg, settings.sampler,
+                                              settings.scheduler, self._conditioning(caption, settings.resolution),
+                                              negative, latent, seed=settings.seed + i, disable_pbar=True)
+            finally:
+                self._lora = None
+            images.append(self.vae.decode(samples).float().cpu())
+        self.model.to(self.device)  # model management may have moved it while the VAE decoded; training goes on here
+        return torch.cat(images)
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sampling.sigmas.to(self.device)[t.to(self.device)]
@@ -193,4 +231,4 @@ def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: 
     patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution), vae
+    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution, vae=vae), vae

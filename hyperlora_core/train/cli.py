@@ -41,6 +41,31 @@ def build_backend(config: TrainConfig):
     return denoiser, ShardDataset(data.shards, rank=rank, world=world, encode=encode)
 
 
+def build_validation(config: TrainConfig, denoiser, data):
+    """The validation function of ``config`` (None when there is nothing to validate on); rank 0 runs it."""
+    from .validate import toy_validation
+
+    if config.data.backend == "toy":
+        return toy_validation(denoiser, data, config.stage, config.validation)
+    if not config.data.validation_shards or not config.run.validate_every:
+        return None
+    from .shards import ShardDataset
+    from .validate import check_references, held_out_identities, shard_validation
+
+    held = ShardDataset(config.data.validation_shards, encode=data.encode)
+    samples = min(len(held), config.data.validation_samples)
+    analyzer, identities = None, []
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if config.validation.insightface and rank == 0:
+        from ..face import FaceAnalyzer
+
+        analyzer = FaceAnalyzer(config.validation.insightface, providers=config.validation.provider)
+        identities = held_out_identities(held, samples, config.validation.identities)
+        check_references(analyzer, identities)
+    return shard_validation(denoiser, held.get(list(range(samples))), config.stage, identities=identities,
+                            settings=config.validation, analyzer=analyzer)
+
+
 def _init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
@@ -59,19 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         config = config.replace(optim={"steps": args.steps})
     _init_distributed()
     denoiser, data = build_backend(config)
-    validate = None
-    if config.data.backend == "toy":
-        from .validate import toy_validation
-
-        validate = toy_validation(denoiser, data, config.stage)
-    elif config.data.validation_shards:
-        from .shards import ShardDataset
-        from .validate import shard_validation
-
-        held = ShardDataset(config.data.validation_shards, encode=data.encode)
-        validate = shard_validation(denoiser, held.get(list(range(min(len(held), config.data.validation_samples)))),
-                                    config.stage)
-    trainer = Trainer(config, denoiser, data, validate=validate)
+    trainer = Trainer(config, denoiser, data, validate=build_validation(config, denoiser, data))
     resume = latest_checkpoint(config.run.out) if args.resume == "auto" else args.resume
     if resume:
         trainer.resume(resume)

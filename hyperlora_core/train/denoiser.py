@@ -1,8 +1,8 @@
 """The seam between the trainer and a frozen base model, and what a training sample is.
 
 The trainer only needs :class:`Denoiser`: the target modules (named as our Apply node patches them), the text
-encoder, the model's noising and loss space, and a prediction with per-sample LoRA factors applied. The toy
-denoiser (``toy.py``) and the ComfyUI backend implement it.
+encoder, the model's noising and loss space, a prediction with per-sample LoRA factors applied, and (for
+validation) sampling pictures with a LoRA on. The toy denoiser (``toy.py``) and the ComfyUI backend implement it.
 
 Letters: ``b`` samples, ``n`` tokens, ``i``/``o`` a linear's in/out width, ``r`` rank.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..topology import AttnModule, UNetSpec
+from .config import ValidationConfig
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # comfy key -> (down [b, r, i], up [b, o, r]); delta up@down
 
@@ -36,6 +37,13 @@ class Denoiser(Protocol):
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: object,
                 lora: Factors | None) -> torch.Tensor: ...
+
+    def sample(self, captions: Sequence[str], lora: Factors | None, settings: ValidationConfig) -> torch.Tensor:
+        """Pictures generated from noise with the LoRA on: one per caption, image i from noise seed
+        ``settings.seed + i``, ``settings.steps`` steps at ``settings.resolution``; ``lora`` has batch b or 1
+        (shared). Returns [b, h, w, c] channel-last: RGB in 0..1 (c = 3) from a backend that decodes (ComfyUI:
+        its sampler and VAE), the latents themselves from one without a decoder (the toy: no faces)."""
+        ...
 
 
 @dataclass
@@ -69,6 +77,11 @@ def combine(*parts: tuple[Factors, torch.Tensor | None]) -> Factors | None:
             ups.append(up if gate is None else up * gate.to(up.dtype).view(-1, 1, 1))
         out[key] = (torch.cat(downs, dim=1), torch.cat(ups, dim=2))
     return out
+
+
+def select(factors: Factors | None, i: int) -> Factors | None:
+    """The factors of sample i alone (batch 1)."""
+    return None if factors is None else {k: (d[i:i + 1], u[i:i + 1]) for k, (d, u) in factors.items()}
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -182,6 +182,8 @@ class Trainer:
             self.save()  # stopped early (``until``): a later run resumes from here
         if bar is not None:
             bar.close()
+        if self.writer:
+            self.writer.flush()
         return self.last_stats
 
     def validate(self) -> dict[str, float]:

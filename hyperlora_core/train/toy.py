@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..synthetic import TINY_UNET
 from ..topology import LINEARS, AttnModule, comfy_key, sdxl_modules
+from .config import ValidationConfig
 from .denoiser import Batch, Factors, lora_linear
 
 TOY_BLOCKS = ("input_blocks.4.1.transformer_blocks.0", "middle_block.1.transformer_blocks.0",
@@ -135,6 +136,31 @@ class ToyDenoiser(nn.Module):
             if i == 1:
                 h = self.down(h)
         return rearrange(self.proj_out(h), "b (s z) c -> b c s z", s=side)
+
+
+    @torch.no_grad()
+    def sample(self, captions: Sequence[str], lora: Factors | None, settings: ValidationConfig) -> torch.Tensor:
+        """Deterministic DDIM (eta 0) from noise over ``settings.steps`` of the 1000 timesteps, with CFG against
+        ``settings.negative`` when ``settings.cfg`` != 1. The toy has no decoder, so the result is its latents,
+        channel-last [b, s, s, c]; they hold no faces (the sampler and scheduler names are ComfyUI's: not read)."""
+        b, channels, side = len(captions), self.proj_out.out_features, math.isqrt(self.pos.shape[0])
+        device = self.alphas_cumprod.device
+        x = torch.stack([torch.randn(channels, side, side, generator=torch.Generator().manual_seed(settings.seed + i))
+                         for i in range(b)]).to(device)
+        context = self.encode_text(captions)
+        negative = self.encode_text([settings.negative] * b) if settings.cfg != 1 else None
+        ts = torch.linspace(self.num_timesteps - 1, 0, settings.steps).round().long().to(device)
+        for k, t in enumerate(ts):
+            tb = t.expand(b)
+            eps = self.predict(x, tb, context, lora)
+            if negative is not None:
+                uncond = self.predict(x, tb, negative, lora)
+                eps = uncond + settings.cfg * (eps - uncond)
+            a = self.alphas_cumprod[t]
+            a_next = self.alphas_cumprod[ts[k + 1]] if k + 1 < len(ts) else torch.ones((), device=device)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        return rearrange(x, "b c s z -> b s z c")
 
 
 class SyntheticIdentities:

@@ -216,8 +216,10 @@ def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | 
 
 
 def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: str = "auto",
-                        resolution: int = 1024) -> tuple[ComfyDenoiser, object]:
-    """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE)."""
+                        resolution: int = 1024, precision: str = "fp32") -> tuple[ComfyDenoiser, object]:
+    """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE). With bf16
+    training the frozen UNet is kept in bf16, so that autocast does not cast its weights again at every call
+    (otherwise ComfyUI picks the dtype, usually fp16 on a GPU)."""
     if comfyui:
         sys.path.insert(0, str(Path(comfyui)))
     try:
@@ -228,7 +230,9 @@ def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: 
     path = Path(base_model)
     if not path.is_file():
         raise FileNotFoundError(f"data.base_model '{path}' does not exist (an SDXL .safetensors checkpoint)")
-    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    options = {"dtype": torch.bfloat16} if precision == "bf16" else {}
+    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
+                                                                  model_options=options)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return ComfyDenoiser(patcher, clip, device=device, resolution=resolution, vae=vae), vae

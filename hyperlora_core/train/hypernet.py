@@ -69,12 +69,19 @@ class BasisStack(nn.Module):
         for name in self.groups:  # token of every row, in row order
             index = [token_index(s.module, s.linear, s.side) for s in self.slots if s.group == name]
             self.register_buffer(f"tokens_{name}", torch.tensor(index), persistent=False)
+        _, _, alpha = lora_pair(torch.zeros(1, rank), torch.zeros(rank, 1))
+        self.up_scale = alpha / rank  # the LoRA scale alpha / r, carried by the up matrices
 
     def mix(self, tokens: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
-        """tokens [b, q, k] -> {(module, linear, side): mixed [b, a, c]} through the core's mix_bases."""
-        mixed = {name: mix_bases(tokens[:, getattr(self, f"tokens_{name}")], group)
-                 for name, group in self.groups.items()}
-        return {(s.module, s.linear, s.side): mixed[s.group][:, s.row] for s in self.slots}
+        """tokens [b, q, k] -> {(module, linear, side): mixed [b, a, c]} through the core's mix_bases, the up
+        matrices scaled by alpha / r. Per group: one gather, one einsum, and (mixing being linear) the scale on the
+        group's coefficients rather than on each matrix; one unbind, whose backward stacks the rows' gradients
+        once where a select per row would write a zero tensor of the whole group for every row (j² work)."""
+        rows = {}
+        for name, group in self.groups.items():
+            coefs = tokens[:, getattr(self, f"tokens_{name}")]
+            rows[name] = mix_bases(coefs * self.up_scale if name.startswith("up") else coefs, group).unbind(1)
+        return {(s.module, s.linear, s.side): rows[s.group][s.row] for s in self.slots}
 
     def tensor(self, slot: Slot) -> torch.Tensor:
         return self.groups[slot.group][slot.row]
@@ -134,8 +141,8 @@ class HyperNetwork(nn.Module):
         out: Factors = {}
         for i, module in enumerate(self.modules_):
             for j, (linear, _, _) in enumerate(LINEARS):
-                down, up, alpha = lora_pair(mixed[(i, j, 0)], mixed[(i, j, 1)])
-                out[comfy_key(module, linear)] = (down, up * (alpha / down.shape[-2]))
+                down, up, _ = lora_pair(mixed[(i, j, 0)], mixed[(i, j, 1)])  # up already carries alpha / r
+                out[comfy_key(module, linear)] = (down, up)
         return out
 
     def forward(self, clip: torch.Tensor | None, arcface: torch.Tensor | None, base_clip: torch.Tensor | None,

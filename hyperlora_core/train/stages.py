@@ -10,6 +10,7 @@ the hypernetwork applied, and a target in the model's own loss space (epsilon, v
   0 reconstruct: caption with trigger words, ID + Base-LoRA on, target = the denoising target;
   1 match base: caption without, ID-LoRA only, target = the frozen base model's prediction (same noisy latent);
   2 match Base-LoRA: caption without, ID + Base-LoRA on, target = the base model + Base-LoRA prediction.
+  The frozen teacher of cases 1 and 2 runs without gradients on those samples only.
 * stage 3, ID-LoRA from ArcFace: as stage 2, with the ID projector and the x path joining and the resampler's
   CLIP branch frozen.
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import StageConfig
-from .denoiser import Batch, Denoiser, combine
+from .denoiser import Batch, Denoiser, Factors, combine
 
 RECONSTRUCT, MATCH_BASE, MATCH_BASE_LORA = 0, 1, 2
 
@@ -70,6 +71,23 @@ def draw(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num
     return Draws(torch.stack(noises), torch.tensor(ts), torch.tensor(cases))
 
 
+def _teacher_targets(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, captions: list[str],
+                     base: Factors | None, case: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``target`` with the rows of the match cases replaced by the frozen teacher's prediction (no Base-LoRA for
+    MATCH_BASE, the Base-LoRA for MATCH_BASE_LORA). The teacher runs on those rows only (t of b samples)."""
+    rows = torch.nonzero(case != RECONSTRUCT).flatten()
+    if len(rows) == 0:
+        return target
+    keep = rows.tolist()
+    sub = case[rows]
+    with_base = base is not None and bool((sub == MATCH_BASE_LORA).any())
+    base_rows = {k: (d[rows], u[rows]) for k, (d, u) in base.items()} if with_base else None
+    with torch.no_grad():
+        teacher = denoiser.predict(x_t[rows], t[rows], denoiser.encode_text([captions[i] for i in keep]),
+                                   combine((base_rows, (sub == MATCH_BASE_LORA).float())))
+    return target.index_put((rows,), teacher.to(target.dtype))
+
+
 def stage_loss(stage: Stage, config: StageConfig, net: torch.nn.Module, denoiser: Denoiser, batch: Batch,
                draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean loss of the b samples (``net`` is the hypernetwork, possibly wrapped by DDP / FSDP)."""
@@ -90,11 +108,7 @@ def stage_loss(stage: Stage, config: StageConfig, net: torch.nn.Module, denoiser
                                                                                          strict=True)]
     context = denoiser.encode_text(captions)
     pred = denoiser.predict(x_t, draws.t, context, combine((factors["id"], None), (base, (case != MATCH_BASE).float())))
-    teachers = case != RECONSTRUCT
-    if bool(teachers.any()):
-        with torch.no_grad():
-            teacher = denoiser.predict(x_t, draws.t, context, combine((base, (case == MATCH_BASE_LORA).float())))
-        target = torch.where(teachers.view(-1, *[1] * (target.ndim - 1)), teacher, target)
+    target = _teacher_targets(denoiser, x_t, draws.t, captions, base, case, target)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     loss = per_sample.mean()
     stats = {"loss": float(loss.detach())}

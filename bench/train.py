@@ -3,6 +3,7 @@
     python bench/train.py                                   # toy denoiser, CPU
     COMFYUI_PATH=... python bench/train.py --backend comfy  # ComfyUI's tiny SDXL (140 attention modules), CPU
     COMFYUI_PATH=... python bench/train.py --backend comfy --size full --device cuda --precision bf16
+    COMFYUI_PATH=... python bench/train.py --backend comfy --size full --device meta   # FLOP count, no GPU
 
 The plain LoRA step trains one rank-r LoRA (the ID rank) on the same target linears of the same frozen model,
 same batch and resolution: one prediction, the loss, backward, AdamW. The HyperLoRA step is the trainer's own
@@ -55,14 +56,15 @@ class RandomData:
                      self.arcface[positions], self.clip[positions])
 
 
-def _comfy_denoiser(size: str, device: str):
+def _comfy_denoiser(size: str, device: str, precision: str):
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         raise SystemExit("--backend comfy needs COMFYUI_PATH (a ComfyUI v0.3.64 checkout)")
     sys.path[:0] = [comfyui, str(ROOT / "tests" / "host")]
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = device == "cpu"
+    comfy.cli_args.args.cpu = device in ("cpu", "meta")
+    comfy.cli_args.args.use_pytorch_cross_attention = device == "meta"  # SDPA: its math path counts on meta
     import comfy.model_management  # noqa: F401
     from nodepack import tiny
 
@@ -75,9 +77,10 @@ def _comfy_denoiser(size: str, device: str):
     config = dict(tiny.TINY_SDXL_CONFIG, model_channels=320, context_dim=2048, adm_in_channels=2816,
                   num_head_channels=64)
     supported = comfy.supported_models.SDXL(config)
-    supported.set_inference_dtype(torch.float16, None)
-    net = supported.get_model({})
-    tiny.randomise(net, 0)
+    supported.set_inference_dtype(torch.bfloat16 if precision == "bf16" else torch.float16, None)
+    net = supported.get_model({}, device="meta" if device == "meta" else None)
+    if device != "meta":
+        tiny.randomise(net, 0)
 
     class FixedText(ComfyDenoiser):
         def encode_text(self, captions):
@@ -124,7 +127,7 @@ def plain_lora_step(denoiser, data, batch: int, rank: int, device: str, precisio
     noise = torch.randn(b.latents.shape, generator=g).to(device)
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast("cpu" if device == "meta" else device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             lora = {k: (d.expand(batch, -1, -1), u.expand(batch, -1, -1)) for k, (d, u) in params.items()}
             pred = denoiser.predict(denoiser.noisy(b.latents, noise, t), t, denoiser.encode_text(b.captions), lora)
             loss = (pred.float() - denoiser.target(b.latents, noise, t).float()).pow(2).mean()
@@ -135,28 +138,99 @@ def plain_lora_step(denoiser, data, batch: int, rank: int, device: str, precisio
     return step
 
 
+def _counted(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return float(mode.get_total_flops())
+
+
+def count_flops(denoiser, data, batch: int, rank: int, model: dict) -> list[tuple[str, float, float, float, int]]:
+    """Meta device: (step, FLOPs of forward + backward, of which hypernetwork forward, of which teacher forward,
+    trainable parameters) for the plain LoRA step and each stage's loss + backward (Trainer.train_step's work
+    without the optimiser). The samples' cases follow the default case_mix exactly (batch a multiple of 4)."""
+    from hyperlora_core.train.stages import MATCH_BASE, MATCH_BASE_LORA, RECONSTRUCT, Draws, stage_loss
+
+    plain_params = sum(2 * rank * sum(m.linear_shape(linear, denoiser.unet))
+                       for m in denoiser.targets for linear in ("to_q", "to_k", "to_v", "to_out"))
+    rows = [("plain LoRA", _counted(plain_lora_step(denoiser, data, batch, rank, "meta", "fp32")), 0.0, 0.0,
+             plain_params)]
+    b = data.get(list(range(batch))).to(torch.device("meta"))
+    case = torch.tensor([RECONSTRUCT, RECONSTRUCT, MATCH_BASE, MATCH_BASE_LORA] * (batch // 4))
+    draws = Draws(torch.randn(b.latents.shape, device="meta"), torch.randint(1000, (batch,), device="meta"), case)
+    teach = torch.nonzero(case != RECONSTRUCT).flatten()
+    with tempfile.TemporaryDirectory() as out:
+        for stage in (1, 2, 3):
+            config = TrainConfig().replace(model=model, stage={"stage": stage},
+                                           run={"out": out, "batch": batch, "device": "meta"})
+            with torch.device("meta"):
+                trainer = Trainer(config, denoiser, data)
+            s = trainer.stage
+            hyper = _counted(lambda s=s, t=trainer: t.net(b.clip if s.id_lora else None,
+                                                           b.arcface if s.reads_arcface else None, b.base_clip))
+            with torch.no_grad():
+                x_t = denoiser.noisy(b.latents, draws.noise, draws.t)
+                rows_ = teach.to("meta")
+                teacher = 0.0 if not s.id_lora else _counted(lambda x_t=x_t, r=rows_: denoiser.predict(
+                    x_t[r], draws.t[r], denoiser.encode_text(b.captions[: len(teach)]), None))
+
+            def step(trainer=trainer):
+                loss, _ = stage_loss(trainer.stage, trainer.config.stage, trainer.model, denoiser, b, draws)
+                loss.backward()
+
+            trainable = sum(p.numel() for p in trainer.net.parameters() if p.requires_grad)
+            rows.append((f"HyperLoRA stage {stage}", _counted(step), hyper, teacher, trainable))
+            del trainer
+    return rows
+
+
+def print_flops(rows, batch: int, precision: str) -> None:
+    plain = rows[0][1]
+    print(f"comfy full (SDXL UNet at 1024², 128² latents, built from ComfyUI's classes on the meta device: nothing "
+          f"runs), batch {batch}: {batch // 2} reconstruct, {batch // 4} match base, {batch // 4} match Base-LoRA "
+          "(the default case_mix)")
+    print("FLOP ratio, not a time ratio: matmul, convolution and attention FLOPs of forward + backward counted by "
+          "torch.utils.flop_counter.FlopCounterMode; elementwise work and the optimiser are not in it")
+    print(f"{'step':<20}{'TFLOP/step':>12}{'÷ plain LoRA':>14}{'hypernet fwd':>14}{'teacher fwd':>13}"
+          f"{'trainable':>12}{'AdamW traffic':>15}")
+    for name, flops, hyper, teacher, params in rows:
+        print(f"{name:<20}{flops / 1e12:>12.2f}{flops / plain:>13.3f}×{hyper / 1e12:>14.3f}{teacher / 1e12:>13.2f}"
+              f"{params / 1e6:>10.1f} M{params * 28 / 1e9:>12.1f} GB")
+    print("AdamW traffic: ≈ 28 bytes per fp32 trainable parameter per step (read parameter, gradient and two moments, "
+          f"write three); memory-bound, the same for any batch ({precision} autocast does not change it)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["toy", "comfy"], default="toy")
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda", "meta"], default="cpu",
+                        help="meta: count FLOPs instead of timing (full size without a GPU)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: 8 (tiny), 1 (full)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     args = parser.parse_args()
     if args.size == "full" and args.backend != "comfy":
         parser.error("--size full needs --backend comfy (a full-size SDXL UNet)")
-    batch = args.batch or (8 if args.size == "tiny" else 1)
+    if args.device == "meta" and (args.size, args.backend) != ("full", "comfy"):
+        parser.error("--device meta counts FLOPs of --backend comfy --size full")
+    batch = args.batch or (8 if args.size == "tiny" else 4 if args.device == "meta" else 1)
+    if args.device == "meta" and batch % 4:
+        parser.error("--device meta needs a batch that is a multiple of 4 (the default case_mix exactly)")
     if args.backend == "toy":
         denoiser, data = ToyDenoiser().requires_grad_(False), SyntheticIdentities()
         model = TINY_MODEL
     else:
-        denoiser, latent = _comfy_denoiser(args.size, args.device)
+        denoiser, latent = _comfy_denoiser(args.size, args.device, args.precision)
         model = TINY_MODEL if args.size == "tiny" else {}
         data = RandomData(latent, model.get("clip_dim", 1024), 5 if args.size == "tiny" else 257)
+    rank = TrainConfig().replace(model=model).model.id_rank
+    if args.device == "meta":
+        print_flops(count_flops(denoiser, data, batch, rank, model), batch, args.precision)
+        return
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rank = TrainConfig().replace(model=model).model.id_rank
     plain = _time(plain_lora_step(denoiser, data, batch, rank, args.device, args.precision), args.steps, args.device)
     rows = [(f"plain LoRA (rank {rank})", plain, None)]
     with tempfile.TemporaryDirectory() as out:

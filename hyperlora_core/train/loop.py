@@ -131,13 +131,14 @@ class Trainer:
                 loss, part = stage_loss(self.stage, config.stage, self.model, self.denoiser, batch, draws)
                 (loss / accum).backward()
             for k, v in part.items():
-                stats[k] = stats.get(k, 0.0) + v / accum
+                stats[k] = stats.get(k, 0.0) + v.float() / accum
         lr = config.optim.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if config.optim.grad_clip:
-            stats["grad_norm"] = float(_local(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], config.optim.grad_clip)))
+            stats["grad_norm"] = _local(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], config.optim.grad_clip)).float()
+        stats = dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))  # one device sync
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

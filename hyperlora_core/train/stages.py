@@ -74,46 +74,50 @@ def draw(seed: int, step: int, positions: list[int], shape: tuple[int, ...], num
 def _teacher_targets(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, captions: list[str],
                      base: Factors | None, case: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``target`` with the rows of the match cases replaced by the frozen teacher's prediction (no Base-LoRA for
-    MATCH_BASE, the Base-LoRA for MATCH_BASE_LORA). The teacher runs on those rows only (t of b samples)."""
+    MATCH_BASE, the Base-LoRA for MATCH_BASE_LORA). The teacher runs on those rows only; ``case`` is on the host."""
     rows = torch.nonzero(case != RECONSTRUCT).flatten()
     if len(rows) == 0:
         return target
-    keep = rows.tolist()
     sub = case[rows]
+    index = rows.to(x_t.device)
     with_base = base is not None and bool((sub == MATCH_BASE_LORA).any())
-    base_rows = {k: (d[rows], u[rows]) for k, (d, u) in base.items()} if with_base else None
+    base_rows = {k: (d[index], u[index]) for k, (d, u) in base.items()} if with_base else None
     with torch.no_grad():
-        teacher = denoiser.predict(x_t[rows], t[rows], denoiser.encode_text([captions[i] for i in keep]),
-                                   combine((base_rows, (sub == MATCH_BASE_LORA).float())))
-    return target.index_put((rows,), teacher.to(target.dtype))
+        teacher = denoiser.predict(x_t[index], t[index], denoiser.encode_text([captions[i] for i in rows.tolist()]),
+                                   combine((base_rows, (sub == MATCH_BASE_LORA).float().to(x_t.device))))
+    return target.index_put((index,), teacher.to(target.dtype))
 
 
 def stage_loss(stage: Stage, config: StageConfig, net: torch.nn.Module, denoiser: Denoiser, batch: Batch,
-               draws: Draws) -> tuple[torch.Tensor, dict[str, float]]:
-    """The mean loss of the b samples (``net`` is the hypernetwork, possibly wrapped by DDP / FSDP)."""
+               draws: Draws) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss of the b samples (``net`` is the hypernetwork, possibly wrapped by DDP / FSDP) and detached
+    statistics (tensors: the caller reads them once per step). The cases stay on the host, so choosing captions
+    and teacher rows never waits for the device."""
     x_t = denoiser.noisy(batch.latents, draws.noise, draws.t)
     target = denoiser.target(batch.latents, draws.noise, draws.t)
     if not stage.id_lora:
         factors = net(None, None, batch.base_clip)
         pred = denoiser.predict(x_t, draws.t, denoiser.encode_text(batch.captions), factors["base"])
         loss = (pred.float() - target.float()).pow(2).mean()
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
     factors = net(batch.clip if stage.reads_clip else None, batch.arcface if stage.reads_arcface else None,
                   batch.base_clip)
     base = factors.get("base")
     if base is not None:
         base = {k: (d.detach(), u.detach()) for k, (d, u) in base.items()}  # frozen in stages 2 and 3
-    case = draws.case.to(x_t.device)
-    captions = [config.with_trigger(c) if int(k) == RECONSTRUCT else c for c, k in zip(batch.captions, case.tolist(),
-                                                                                         strict=True)]
+    case = draws.case.cpu()
+    captions = [config.with_trigger(c) if k == RECONSTRUCT else c
+                for c, k in zip(batch.captions, case.tolist(), strict=True)]
     context = denoiser.encode_text(captions)
-    pred = denoiser.predict(x_t, draws.t, context, combine((factors["id"], None), (base, (case != MATCH_BASE).float())))
+    gate = (case != MATCH_BASE).float().to(x_t.device)
+    pred = denoiser.predict(x_t, draws.t, context, combine((factors["id"], None), (base, gate)))
     target = _teacher_targets(denoiser, x_t, draws.t, captions, base, case, target)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     loss = per_sample.mean()
-    stats = {"loss": float(loss.detach())}
+    stats = {"loss": loss.detach()}
     for k, name in ((RECONSTRUCT, "loss_reconstruct"), (MATCH_BASE, "loss_match_base"),
                     (MATCH_BASE_LORA, "loss_match_base_lora")):
-        if bool((case == k).any()):
-            stats[name] = float(per_sample[case == k].detach().mean())
+        rows = torch.nonzero(case == k).flatten()
+        if len(rows):
+            stats[name] = per_sample.detach()[rows.to(per_sample.device)].mean()
     return loss, stats

@@ -12,7 +12,12 @@ from hyperlora_core.train.config import OptimConfig, StageConfig, TrainConfigErr
 BAD = [  # (toml text, words the message must contain)
     ("[model]\nrank = 8\n", ["unknown key", "'rank'", "[model]"]),
     ("[modle]\nk = 8\n", ["unknown section", "modle"]),
-    ("[stage]\nstage = 4\n", ["stage.stage", "1, 2 or 3"]),
+    ("[stage]\nstage = 4\n", ["stage.stage", "1, 2, 3 or \"hdb\""]),
+    ("[hdb]\niterations = 0\n", ["hdb.iterations", "positive"]),
+    ("[hdb]\nweight_loss = 0.0\ndenoise_loss = 0.0\n", ["weight_loss", "nothing would train"]),
+    ("[hdb]\niterate_decay = 1.5\n", ["hdb.iterate_decay"]),
+    ("[hdb]\nlayers = 2\n", ["unknown key", "'layers'", "[hdb]"]),
+    ("[lidb]\na = 0\n", ["lidb.a", "positive"]),
     ("[stage]\ncase_mix = [0.5, 0.5, 0.5]\n", ["case_mix", "summing to 1"]),
     ("[stage]\ntrigger_position = 'middle'\n", ["trigger_position"]),
     ("[optim]\nlr = -1.0\n", ["optim.lr", "positive"]),

@@ -136,7 +136,7 @@ def test_more_iterations_lower_the_weight_error(world, trained):
               for k in range(1, HDB["iterations"] + 1)]
     _show(f"held-out weight error after 1..{HDB['iterations']} refinement iterations: "
           f"{', '.join(f'{e:.4f}' for e in errors)}")
-    assert errors[-1] < 0.9 * errors[0]
+    assert errors[1] < errors[0] and errors[-1] < 0.85 * errors[0]
 
 
 def test_weight_loss_lowers_the_weight_error(world, trained, tmp_path):
@@ -147,3 +147,41 @@ def test_weight_loss_lowers_the_weight_error(world, trained, tmp_path):
     _show(f"held-out weight error after {STEPS} steps: with the weight-L2 term {error['with']:.4f}, "
           f"denoising loss only {error['without']:.4f}")
     assert error["with"] < 0.5 * error["without"]
+
+
+def test_hdb_stage_resumes_exactly(world, tmp_path):
+    """Interrupted at step 3 of 6 and resumed (optimiser state, EMA, step), the hdb stage ends where an
+    uninterrupted run does."""
+    denoiser, data, folder, supervision, _ = world
+
+    def config(out):
+        return hdb_config(out, folder, steps=6).replace(optim={"accumulation": 2, "ema": 0.9}, run={"batch": 4})
+
+    straight = Trainer(config(tmp_path / "a"), denoiser, SupervisedData(data, supervision))
+    straight.train(progress=False)
+    first = Trainer(config(tmp_path / "b"), denoiser, SupervisedData(data, supervision))
+    first.train(until=3, progress=False)
+    resumed = Trainer(config(tmp_path / "b"), denoiser, SupervisedData(data, supervision))
+    resumed.resume(first.save())
+    resumed.train(progress=False)
+    a, b = straight.full_weights(), resumed.full_weights()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = Trainer(config(tmp_path / "c"), denoiser, SupervisedData(data, supervision)).full_weights()
+    assert not all(torch.equal(a[k], fresh[k]) for k in a)  # the six steps did change the weights
+
+
+def test_checkpoint_round_trip_predicts_the_same_lidb(world, trained, tmp_path):
+    """The exported file loads into a network that predicts the trainer's LiDB; its LoRA is LiDB's."""
+    from hyperlora_core.hdb.checkpoint import load_hdb, predict_lidb, save_hdb
+
+    faces, _, _ = _held(world)
+    path = save_hdb(trained.net, tmp_path / "hdb.safetensors", seed=0, dtype=torch.float32)
+    net, seed = load_hdb(path)
+    lidb = predict_lidb(net, faces[:1], seed=seed)
+    a, b = trained.net.eval()(faces[:1])[-1]
+    assert seed == 0 and torch.allclose(lidb.a_train, a[0], atol=1e-6) and torch.allclose(lidb.b_train, b[0], atol=1e-6)
+    lora = lidb.lora()
+    assert len(lora) == 3 * len(lidb.targets.linears)
+    size = path.stat().st_size
+    assert LiDB.load(lidb.save(tmp_path / "one.safetensors")).a_train.shape == (24, LIDB["a"])
+    _show(f"toy HyperDreamBooth file: {size} bytes (fp32)")

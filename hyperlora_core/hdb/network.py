@@ -47,6 +47,7 @@ class HyperDreamBooth(nn.Module):
             self.layer_embedding = nn.Parameter(torch.randn(TOKENS_PER_LINEAR * n_linears, d) * d ** -0.5)
             self.decoder = Transformer(d, config.depth, config.heads, mlp_ratio=config.mlp_ratio)
             self.delta = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+            nn.init.zeros_(self.delta[1].weight)  # the first steps train the heads on a zero state, then refine
             self.head_a = nn.Parameter(torch.randn(n_linears, d, a) * d ** -0.5)
             self.head_c = nn.Parameter(torch.randn(n_linears, d, c) * d ** -0.5)
             self.bias_a = nn.Parameter(torch.zeros(n_linears, a))

@@ -84,3 +84,12 @@ def test_the_training_package_imports_no_host():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, check=True).stdout.split()
     assert int(out[0]) >= 10 and out[1] == "[]"
+
+
+def test_the_shipped_hyperdreambooth_config_loads():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "training" / "hdb.toml")
+    assert config.stage.stage == "hdb" and config.hdb.supervision == "runs/lidb" and config.hdb.encoder
+    assert (config.lidb.a, config.lidb.b) == (100, 50) and config.data.backend == "comfy"
+    assert type(config).from_dict(config.to_dict()) == config

@@ -18,6 +18,7 @@ from hyperlora_core.train.hdb_stage import (
     Supervision,
     aux_for,
     distance_matrix,
+    heldout_lidb_loss,
     lidb_factors,
     lidb_path,
     target_layers,
@@ -120,6 +121,14 @@ def test_predicted_weights_identify_the_person(world, trained):
     assert wins >= 7
     validated = [r for r in trained.history if "val/weight_error" in r]
     assert validated and validated[-1]["val/identity_wins"] == wins  # the trainer's validation saw the same
+    denoiser, data = world[0], world[1]
+    held = data.get(list(range(len(data.held_index))), held_out=True)
+    fresh = trained.stage.build(trained.config, denoiser).eval()
+    loss = {name: heldout_lidb_loss(net, denoiser, held, trained.config) for name, net in
+            (("trained", trained.net.eval()), ("untrained", fresh))}
+    _show(f"held-out denoising loss with the LiDB predicted from each photo: untrained {loss['untrained']:.4f}, "
+          f"trained {loss['trained']:.4f}")
+    assert loss["trained"] < loss["untrained"]
 
 
 @pytest.mark.parametrize("start", ["as initialised", "random refinement"])

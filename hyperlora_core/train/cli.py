@@ -98,6 +98,13 @@ def _hdb_data(config: TrainConfig, denoiser, data):
     supervision = Supervision(config.hdb.supervision, data.labels(), target_layers(denoiser), a=config.lidb.a,
                               c=config.lidb.b, seed=config.lidb.seed)
     validate = toy_hdb_validation(data, supervision) if config.data.backend == "toy" else None
+    if config.data.backend != "toy" and config.data.validation_shards:
+        from .hdb_stage import shard_hdb_validation
+        from .shards import ShardDataset
+
+        held = ShardDataset(config.data.validation_shards, encode=data.encode)
+        validate = shard_hdb_validation(denoiser, held.get(list(range(min(len(held),
+                                                                          config.data.validation_samples)))), config)
     return SupervisedData(data, supervision), validate
 
 

@@ -206,6 +206,29 @@ def distance_matrix(net: HyperDreamBooth, faces: torch.Tensor, labels: list[str]
     return out, order
 
 
+@torch.no_grad()
+def heldout_lidb_loss(net: HyperDreamBooth, denoiser: Denoiser, batch: Batch, config: TrainConfig, *,
+                      repeats: int = 2, seed: int = 0) -> float:
+    """Mean denoising loss of held-out samples, each with the LiDB predicted from its own face photo, trigger words in
+    the caption; noise and timesteps fixed by ``seed`` (any backend, any identities)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = batch.latents.repeat(repeats, *[1] * (batch.latents.ndim - 1))
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    t = torch.randint(denoiser.num_timesteps, (len(x0),), generator=g).to(x0.device)
+    context = denoiser.encode_text([config.stage.with_trigger(c) for c in batch.captions] * repeats)
+    a_pred, b_pred = net(batch.face)[-1]
+    lora = lidb_factors(aux_for(config, target_layers(denoiser)), a_pred.repeat(repeats, 1, 1),
+                        b_pred.repeat(repeats, 1, 1))
+    pred = denoiser.predict(denoiser.noisy(x0, noise, t), t, context, lora)
+    return float((pred.float() - denoiser.target(x0, noise, t).float()).pow(2).mean())
+
+
+def shard_hdb_validation(denoiser: Denoiser, batch: Batch, config: TrainConfig):
+    """Validation of a real data set: the held-out loss with predicted LiDBs on a fixed batch of held-out samples."""
+    return lambda net: {"heldout_loss": heldout_lidb_loss(net, denoiser, batch.to(next(net.parameters()).device),
+                                                          config)}
+
+
 def toy_hdb_validation(data, supervision: Supervision):
     """Validation of the toy backend: held-out photos' weight error to their own identity, and rows won."""
     from .validate import diagonal_wins

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,6 +289,30 @@ def targets_from_dict(data: dict) -> TargetLayers:
     return TargetLayers(str(data["family"]), modules)
 
 
+def targets_from_shapes(family: str, shapes: Mapping[str, tuple[int, int]]) -> TargetLayers:
+    """Target layers from ``{key: (out_features, in_features)}`` (weight shapes) in the mapping's order, grouped into
+    modules by the key's parent (``….attn1.to_q`` and ``….attn1.to_out.0`` both belong to ``….attn1``)."""
+    groups: dict[str, list[TargetLinear]] = {}
+    for key, (out_f, in_f) in shapes.items():
+        parts = key.split(".")
+        parent = ".".join(parts[:-2] if parts[-1].isdigit() else parts[:-1])
+        groups.setdefault(parent, []).append(TargetLinear(key, int(in_f), int(out_f)))
+    return TargetLayers(family, tuple(TargetModule(name, tuple(lins)) for name, lins in groups.items()))
+
+
+def check_fits(targets: TargetLayers, shapes: Mapping[str, tuple[int, ...]], what: str = "the MODEL") -> None:
+    """Refuse target layers that ``what`` (``{key: weight shape [out, in]}``) lacks or has at other sizes."""
+    for linear in targets.linears:
+        found = shapes.get(linear.key)
+        if found is None:
+            raise LidbMismatchError(f"the LiDB adapts '{linear.key}', which {what} does not have: it was trained for "
+                                    f"another kind of model ({targets.family}). Use a LiDB trained for this model.")
+        if tuple(found) != (linear.out_features, linear.in_features):
+            raise LidbMismatchError(
+                f"the LiDB adapts '{linear.key}' as {linear.in_features} -> {linear.out_features}, but in {what} it "
+                f"is {found[1]} -> {found[0]}: it was trained for another model. Use a LiDB trained for this one.")
+
+
 def decode_targets(text: str) -> dict:
     """The description stored in ``metadata['targets']``, inflated at most to MAX_TARGETS_BYTES."""
     inflater = zlib.decompressobj()
@@ -333,18 +358,20 @@ class LidbLoRA(nn.Module):
             a0, b0 = torch.randn(n, aux.a, generator=g) * aux.a ** -0.5, torch.zeros(n, aux.b)
         self.a_train = nn.Parameter(a0)
         self.b_train = nn.Parameter(b0)
+        self._down_aux, self._up_aux = list(aux.down_aux), list(aux.up_aux)  # frozen, not parameters
 
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [o, 1], down [1, i]) float32 of linear ``index``."""
-        return self.aux.factors(index, self.a_train[index], self.b_train[index])
+        return lidb_factors(self.a_train[index], self.b_train[index], self._down_aux[index], self._up_aux[index])
 
     def place(self, device: torch.device | str) -> None:
-        self.aux.down_aux = [t.to(device) for t in self.aux.down_aux]
-        self.aux.up_aux = [t.to(device) for t in self.aux.up_aux]
+        """Move the trainable vectors and this module's own references to the aux matrices (``aux`` is untouched)."""
+        self._down_aux = [t.to(device) for t in self._down_aux]
+        self._up_aux = [t.to(device) for t in self._up_aux]
         self.to(device)
 
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.aux.down_aux, *self.aux.up_aux, self.a_train,
+        return sum(t.numel() * t.element_size() for t in [*self._down_aux, *self._up_aux, self.a_train,
                                                            self.b_train])
 
     def to_lidb(self, meta: dict[str, str] | None = None) -> LiDB:

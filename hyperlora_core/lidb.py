@@ -36,7 +36,7 @@ import hashlib
 import json
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,11 +120,20 @@ def lidb_factors(a_train: torch.Tensor, b_train: torch.Tensor, a_aux: torch.Tens
 class LidbAux:
     """The frozen aux matrices of every target linear, for one (targets, seed, a, b)."""
 
-    def __init__(self, targets: TargetLayers, *, seed: int = LIDB_SEED, a: int = LIDB_A, b: int = LIDB_B) -> None:
+    def __init__(self, targets: TargetLayers, *, seed: int = LIDB_SEED, a: int = LIDB_A, b: int = LIDB_B,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """``progress(done, total)`` after each linear (SDXL's 560 take seconds: ~430 MB of float32)."""
         self.targets, self.seed, self.a, self.b = targets, int(seed), int(a), int(b)
-        pairs = [aux_pair(lin, self.seed, self.a, self.b) for lin in targets.linears]
-        self.down_aux = [p[0] for p in pairs]  # [a, i] per linear
-        self.up_aux = [p[1] for p in pairs]  # [o, b] per linear
+        for linear in targets.linears:  # every size first: fail before the slow part
+            check_sizes(linear, self.a, self.b)
+        self.down_aux: list[torch.Tensor] = []  # [a, i] per linear
+        self.up_aux: list[torch.Tensor] = []  # [o, b] per linear
+        for index, linear in enumerate(targets.linears):
+            down, up = aux_pair(linear, self.seed, self.a, self.b)
+            self.down_aux.append(down)
+            self.up_aux.append(up)
+            if progress is not None:
+                progress(index + 1, len(targets.linears))
 
     def matches(self, weights: LiDB) -> bool:
         return (weights.targets, weights.seed, weights.a, weights.b) == (self.targets, self.seed, self.a, self.b)
@@ -142,11 +151,14 @@ class LidbAux:
         with torch.no_grad():
             for index, linear in enumerate(self.targets.linears):
                 up, down = self.factors(index, a_train[index].float(), b_train[index].float())
-                prefix = lora_key(linear.key, key_format)
-                out[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
-                out[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
-                out[prefix + ".alpha"] = torch.tensor(1.0, dtype=dtype)
+                _put(out, lora_key(linear.key, key_format), up, down, dtype)
         return out
+
+
+def _put(lora: dict[str, torch.Tensor], prefix: str, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> None:
+    lora[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
+    lora[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
+    lora[prefix + ".alpha"] = torch.tensor(1.0, dtype=dtype)
 
 
 @dataclass
@@ -176,17 +188,26 @@ class LiDB:
     def b(self) -> int:
         return int(self.b_train.shape[1])
 
-    def aux(self) -> LidbAux:
-        return LidbAux(self.targets, seed=self.seed, a=self.a, b=self.b)
+    def aux(self, progress: Callable[[int, int], None] | None = None) -> LidbAux:
+        return LidbAux(self.targets, seed=self.seed, a=self.a, b=self.b, progress=progress)
 
-    def lora(self, aux: LidbAux | None = None, key_format: str = "comfy",
-             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The LoRA these numbers make (alpha 1); ``aux`` reuses matrices already generated for this layout."""
-        if aux is None:
-            aux = self.aux()
-        elif not aux.matches(self):
-            raise LidbMismatchError("the aux matrices given were made for another seed, a, b or target layout")
-        return aux.lora(self.a_train, self.b_train, key_format, dtype)
+    def lora(self, aux: LidbAux | None = None, key_format: str = "comfy", dtype: torch.dtype = torch.float32,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA these numbers make (alpha 1). ``aux`` reuses matrices already generated for this layout;
+        without it each linear's are generated, used and dropped in turn (``progress(done, total)`` after each)."""
+        if aux is not None:
+            if not aux.matches(self):
+                raise LidbMismatchError("the aux matrices given were made for another seed, a, b or target layout")
+            return aux.lora(self.a_train, self.b_train, key_format, dtype)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for index, linear in enumerate(self.targets.linears):
+                a_aux, b_aux = aux_pair(linear, self.seed, self.a, self.b)
+                up, down = lidb_factors(self.a_train[index].float(), self.b_train[index].float(), a_aux, b_aux)
+                _put(out, lora_key(linear.key, key_format), up, down, dtype)
+                if progress is not None:
+                    progress(index + 1, len(self.targets.linears))
+        return out
 
     def save(self, path: str | Path, storage: str = "fp16") -> Path:
         """Write the file (see the module docstring), atomically; returns the path."""

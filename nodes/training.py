@@ -174,8 +174,10 @@ def _lidb(model, predicted, start: LiDB | None, config: RefineConfig, base) -> L
         targets, seed = targets_from_shapes(type(model.model.model_config).__name__, shapes), LIDB_SEED
     meta = {"trained_on": "the HyperLoRA prediction" if predicted is not None else "the base model",
             "id_strength": str(config.id_strength) if predicted is not None else ""}
-    return LidbOnBase(LidbAux(targets, seed=seed, a=config.lidb_a, b=config.lidb_b), base, seed=config.seed,
-                      start=start, meta=meta)
+    pbar = comfy.utils.ProgressBar(len(targets.linears))  # the aux matrices: seconds for SDXL's 560 linears
+    aux = LidbAux(targets, seed=seed, a=config.lidb_a, b=config.lidb_b,
+                  progress=lambda done, total: pbar.update_absolute(done, total))
+    return LidbOnBase(aux, base, seed=config.seed, start=start, meta=meta)
 
 
 def _parametrisation(handle, identity, predicted, config: RefineConfig, model=None,

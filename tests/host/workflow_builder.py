@@ -29,7 +29,7 @@ CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in 
 UPLOAD = "upload"  # LoadImage's frontend-only upload button ("image")
 FRONTEND_ONLY = {CONTROL, UPLOAD}
 OURS = {"LoadHyperLoRA", "HyperLoRAFromImage", "ApplyHyperLoRA", "ConceptSlider", "HyperLoRAToLoRA", "SaveHyperLoRA",
-        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine"}
+        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine", "SaveLiDB", "LoadLiDB"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,13 @@ SPECS = {
                         "filename_prefix", "lora_name:STRING"),
     "SaveHyperLoRAIdentity": _s("Save HyperLoRA Identity", "identity:HYPER_LORA_IDENTITY",
                                 "filename_prefix storage", "identity_name:STRING"),
-    "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING hyper_lora:HYPER_LORA "
-                          "identity:HYPER_LORA_IDENTITY image:IMAGE",
+    "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING image:IMAGE "
+                          "hyper_lora?:HYPER_LORA identity?:HYPER_LORA_IDENTITY lidb?:LIDB",
                           f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing "
-                          "id_strength",
-                          "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE"),
+                          "id_strength lidb_a lidb_b",
+                          "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE lidb:LIDB"),
+    "SaveLiDB": _s("Save LiDB", "lidb:LIDB", "filename_prefix storage", "lidb_name:STRING"),
+    "LoadLiDB": _s("Load LiDB", "", "lidb", "lidb:LIDB lora:LORA_MODEL"),
     "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
     "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
     "Note": _s("Note", "", "text"),
@@ -491,7 +493,7 @@ def refine() -> Workflow:
     refined = w.add("HyperLoRARefine", (1220, 0), mode=REFINE.mode, steps=REFINE.steps, lr=REFINE.lr,
                     rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
                     resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
-                    id_strength=REFINE.id_strength)
+                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
     for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
                          (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
                          (photo.out("IMAGE"), "image")):

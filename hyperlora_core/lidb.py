@@ -97,7 +97,8 @@ def check_sizes(linear: TargetLinear, a: int, b: int) -> None:
     if a > linear.in_features or b > linear.out_features:
         raise LidbMismatchError(
             f"LiDB a={a}, b={b} do not fit linear '{linear.key}' ({linear.in_features} -> {linear.out_features}): "
-            f"a must be at most its in_features and b at most its out_features. Choose smaller a and b.")
+            f"a must be at most its in_features and b at most its out_features. Choose smaller a and b (HyperLoRA "
+            "Refine: lidb_a, lidb_b).")
 
 
 def lora_key(key: str, key_format: str) -> str:

@@ -172,8 +172,8 @@ def _lidb(model, predicted, start: LiDB | None, config: RefineConfig, base) -> L
         shapes = ({p: (predicted[p + ".lora_up.weight"].shape[0], predicted[p + ".lora_down.weight"].shape[1])
                    for p in lora_prefixes(predicted)} if predicted is not None else attention_targets(model))
         targets, seed = targets_from_shapes(type(model.model.model_config).__name__, shapes), LIDB_SEED
-    meta = {"trained_on": "the HyperLoRA prediction" if predicted is not None else "the base model",
-            "id_strength": str(config.id_strength) if predicted is not None else ""}
+    meta = ({"trained_on": "the HyperLoRA prediction", "id_strength": str(config.id_strength)}
+            if predicted is not None else {"trained_on": "the base model"})
     pbar = comfy.utils.ProgressBar(len(targets.linears))  # the aux matrices: seconds for SDXL's 560 linears
     aux = LidbAux(targets, seed=seed, a=config.lidb_a, b=config.lidb_b,
                   progress=lambda done, total: pbar.update_absolute(done, total))

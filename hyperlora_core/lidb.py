@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def check_sizes(linear: TargetLinear, a: int, b: int) -> None:
     if a > linear.in_features or b > linear.out_features:
         raise LidbMismatchError(
             f"LiDB a={a}, b={b} do not fit linear '{linear.key}' ({linear.in_features} -> {linear.out_features}): "
-            f"a must be at most its in_features and b at most its out_features. Choose smaller a and b.")
+            f"a must be at most its in_features and b at most its out_features. Choose smaller a and b (HyperLoRA "
+            "Refine: lidb_a, lidb_b).")
 
 
 def lora_key(key: str, key_format: str) -> str:
@@ -119,11 +121,20 @@ def lidb_factors(a_train: torch.Tensor, b_train: torch.Tensor, a_aux: torch.Tens
 class LidbAux:
     """The frozen aux matrices of every target linear, for one (targets, seed, a, b)."""
 
-    def __init__(self, targets: TargetLayers, *, seed: int = LIDB_SEED, a: int = LIDB_A, b: int = LIDB_B) -> None:
+    def __init__(self, targets: TargetLayers, *, seed: int = LIDB_SEED, a: int = LIDB_A, b: int = LIDB_B,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """``progress(done, total)`` after each linear (SDXL's 560 take seconds: ~430 MB of float32)."""
         self.targets, self.seed, self.a, self.b = targets, int(seed), int(a), int(b)
-        pairs = [aux_pair(lin, self.seed, self.a, self.b) for lin in targets.linears]
-        self.down_aux = [p[0] for p in pairs]  # [a, i] per linear
-        self.up_aux = [p[1] for p in pairs]  # [o, b] per linear
+        for linear in targets.linears:  # every size first: fail before the slow part
+            check_sizes(linear, self.a, self.b)
+        self.down_aux: list[torch.Tensor] = []  # [a, i] per linear
+        self.up_aux: list[torch.Tensor] = []  # [o, b] per linear
+        for index, linear in enumerate(targets.linears):
+            down, up = aux_pair(linear, self.seed, self.a, self.b)
+            self.down_aux.append(down)
+            self.up_aux.append(up)
+            if progress is not None:
+                progress(index + 1, len(targets.linears))
 
     def matches(self, weights: LiDB) -> bool:
         return (weights.targets, weights.seed, weights.a, weights.b) == (self.targets, self.seed, self.a, self.b)
@@ -141,11 +152,14 @@ class LidbAux:
         with torch.no_grad():
             for index, linear in enumerate(self.targets.linears):
                 up, down = self.factors(index, a_train[index].float(), b_train[index].float())
-                prefix = lora_key(linear.key, key_format)
-                out[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
-                out[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
-                out[prefix + ".alpha"] = torch.tensor(1.0, dtype=dtype)
+                _put(out, lora_key(linear.key, key_format), up, down, dtype)
         return out
+
+
+def _put(lora: dict[str, torch.Tensor], prefix: str, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> None:
+    lora[prefix + ".lora_down.weight"] = down.to(dtype).contiguous()
+    lora[prefix + ".lora_up.weight"] = up.to(dtype).contiguous()
+    lora[prefix + ".alpha"] = torch.tensor(1.0, dtype=dtype)
 
 
 @dataclass
@@ -175,17 +189,26 @@ class LiDB:
     def b(self) -> int:
         return int(self.b_train.shape[1])
 
-    def aux(self) -> LidbAux:
-        return LidbAux(self.targets, seed=self.seed, a=self.a, b=self.b)
+    def aux(self, progress: Callable[[int, int], None] | None = None) -> LidbAux:
+        return LidbAux(self.targets, seed=self.seed, a=self.a, b=self.b, progress=progress)
 
-    def lora(self, aux: LidbAux | None = None, key_format: str = "comfy",
-             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The LoRA these numbers make (alpha 1); ``aux`` reuses matrices already generated for this layout."""
-        if aux is None:
-            aux = self.aux()
-        elif not aux.matches(self):
-            raise LidbMismatchError("the aux matrices given were made for another seed, a, b or target layout")
-        return aux.lora(self.a_train, self.b_train, key_format, dtype)
+    def lora(self, aux: LidbAux | None = None, key_format: str = "comfy", dtype: torch.dtype = torch.float32,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA these numbers make (alpha 1). ``aux`` reuses matrices already generated for this layout;
+        without it each linear's are generated, used and dropped in turn (``progress(done, total)`` after each)."""
+        if aux is not None:
+            if not aux.matches(self):
+                raise LidbMismatchError("the aux matrices given were made for another seed, a, b or target layout")
+            return aux.lora(self.a_train, self.b_train, key_format, dtype)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for index, linear in enumerate(self.targets.linears):
+                a_aux, b_aux = aux_pair(linear, self.seed, self.a, self.b)
+                up, down = lidb_factors(self.a_train[index].float(), self.b_train[index].float(), a_aux, b_aux)
+                _put(out, lora_key(linear.key, key_format), up, down, dtype)
+                if progress is not None:
+                    progress(index + 1, len(self.targets.linears))
+        return out
 
     def save(self, path: str | Path, storage: str = "fp16") -> Path:
         """Write the file (see the module docstring), atomically; returns the path."""
@@ -288,6 +311,30 @@ def targets_from_dict(data: dict) -> TargetLayers:
     return TargetLayers(str(data["family"]), modules)
 
 
+def targets_from_shapes(family: str, shapes: Mapping[str, tuple[int, int]]) -> TargetLayers:
+    """Target layers from ``{key: (out_features, in_features)}`` (weight shapes) in the mapping's order, grouped into
+    modules by the key's parent (``….attn1.to_q`` and ``….attn1.to_out.0`` both belong to ``….attn1``)."""
+    groups: dict[str, list[TargetLinear]] = {}
+    for key, (out_f, in_f) in shapes.items():
+        parts = key.split(".")
+        parent = ".".join(parts[:-2] if parts[-1].isdigit() else parts[:-1])
+        groups.setdefault(parent, []).append(TargetLinear(key, int(in_f), int(out_f)))
+    return TargetLayers(family, tuple(TargetModule(name, tuple(lins)) for name, lins in groups.items()))
+
+
+def check_fits(targets: TargetLayers, shapes: Mapping[str, tuple[int, ...]], what: str = "the MODEL") -> None:
+    """Refuse target layers that ``what`` (``{key: weight shape [out, in]}``) lacks or has at other sizes."""
+    for linear in targets.linears:
+        found = shapes.get(linear.key)
+        if found is None:
+            raise LidbMismatchError(f"the LiDB adapts '{linear.key}', which {what} does not have: it was trained for "
+                                    f"another kind of model ({targets.family}). Use a LiDB trained for this model.")
+        if tuple(found) != (linear.out_features, linear.in_features):
+            raise LidbMismatchError(
+                f"the LiDB adapts '{linear.key}' as {linear.in_features} -> {linear.out_features}, but in {what} it "
+                f"is {found[1]} -> {found[0]}: it was trained for another model. Use a LiDB trained for this one.")
+
+
 def decode_targets(text: str) -> dict:
     """The description stored in ``metadata['targets']``, inflated at most to MAX_TARGETS_BYTES."""
     inflater = zlib.decompressobj()
@@ -333,18 +380,20 @@ class LidbLoRA(nn.Module):
             a0, b0 = torch.randn(n, aux.a, generator=g) * aux.a ** -0.5, torch.zeros(n, aux.b)
         self.a_train = nn.Parameter(a0)
         self.b_train = nn.Parameter(b0)
+        self._down_aux, self._up_aux = list(aux.down_aux), list(aux.up_aux)  # frozen, not parameters
 
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(up [o, 1], down [1, i]) float32 of linear ``index``."""
-        return self.aux.factors(index, self.a_train[index], self.b_train[index])
+        return lidb_factors(self.a_train[index], self.b_train[index], self._down_aux[index], self._up_aux[index])
 
     def place(self, device: torch.device | str) -> None:
-        self.aux.down_aux = [t.to(device) for t in self.aux.down_aux]
-        self.aux.up_aux = [t.to(device) for t in self.aux.up_aux]
+        """Move the trainable vectors and this module's own references to the aux matrices (``aux`` is untouched)."""
+        self._down_aux = [t.to(device) for t in self._down_aux]
+        self._up_aux = [t.to(device) for t in self._up_aux]
         self.to(device)
 
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.aux.down_aux, *self.aux.up_aux, self.a_train,
+        return sum(t.numel() * t.element_size() for t in [*self._down_aux, *self._up_aux, self.a_train,
                                                            self.b_train])
 
     def to_lidb(self, meta: dict[str, str] | None = None) -> LiDB:

@@ -290,3 +290,53 @@ def test_tiny_sdxl_topology_targets_work():
     targets = sdxl_target_layers(spec)
     w = _weights(targets, a=8, b=4)
     assert len(w.lora()) == 3 * 560
+
+
+def test_lidb_on_a_frozen_base_trains_only_the_lidb_and_returns_what_it_trained():
+    """Mode lidb's parametrisation: the base's factors stay as given, the LiDB's follow; the result LoRA is both
+    (its delta is base + LiDB exactly) and the LiDB alone rebuilds its part."""
+    from hyperlora_core.arithmetic import combine_by_rank
+    from hyperlora_core.finetune import LidbOnBase
+
+    targets = tiny_targets()
+    base = combine_by_rank([(_weights(targets, seed=9).lora(), 0.85)])  # a frozen rank-1 "prediction", folded
+    aux = LidbAux(targets, seed=1, a=8, b=4)
+    param = LidbOnBase(aux, base, seed=0, meta={"trained_on": "test"})
+    assert sum(p.numel() for p in param.parameters()) == len(targets.linears) * 12
+    opt = torch.optim.Adam(param.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = sum((torch.matmul(*param.factors(j)) - 1).pow(2).mean() for j in range(len(targets.linears)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = param.result()
+    assert result.identity is None and result.lidb.meta == {"trained_on": "test"}
+    assert float(result.lidb.b_train.abs().max()) > 0
+    lidb_lora = result.lidb.lora(aux)
+    for j, lin in enumerate(targets.linears):
+        with torch.no_grad():
+            want = torch.matmul(*param.factors(j))
+        got = result.lora[lin.key + ".lora_up.weight"] @ result.lora[lin.key + ".lora_down.weight"]
+        torch.testing.assert_close(got, want)
+        parts = (base[lin.key + ".lora_up.weight"] @ base[lin.key + ".lora_down.weight"]
+                 + lidb_lora[lin.key + ".lora_up.weight"] @ lidb_lora[lin.key + ".lora_down.weight"])
+        torch.testing.assert_close(got, parts, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.lora[lin.key + ".lora_down.weight"][:1], base[lin.key + ".lora_down.weight"])
+    other = TargetLayers("tiny", tiny_targets().modules[:1])
+    with pytest.raises(LidbMismatchError, match="adapt different layers"):
+        LidbOnBase(LidbAux(other, seed=1, a=8, b=4), base)
+
+
+def test_targets_from_weight_shapes_group_by_module_and_check_a_model():
+    from hyperlora_core.lidb import check_fits, targets_from_shapes
+
+    targets = tiny_targets()
+    shapes = {lin.key: (lin.out_features, lin.in_features) for lin in targets.linears}
+    assert targets_from_shapes("tiny", shapes) == targets  # to_out.0 belongs to its attention module
+    check_fits(targets, shapes)
+    with pytest.raises(LidbMismatchError, match="does not have"):
+        check_fits(targets, dict(list(shapes.items())[1:]))
+    wrong = dict(shapes)
+    wrong[targets.linears[5].key] = (16, 32)
+    with pytest.raises(LidbMismatchError, match=r"as 24 -> 16, but in the MODEL it is 32 -> 16"):
+        check_fits(targets, wrong)

@@ -96,21 +96,27 @@ def test_ranks_take_disjoint_identities_skip_stored_ones_and_match_one_process(s
     assert worst == 0.0
 
 
-def test_hdb_stage_two_processes_equal_one(single, tmp_path):
-    """DDP on 2 processes vs the same global batch in one process (2 accumulation micro-batches)."""
+@pytest.fixture(scope="module")
+def one_process(single, tmp_path_factory):
+    """The hdb stage on one process: global batch 4 in 2 accumulation micro-batches (each rank's share of 2)."""
+    tmp = tmp_path_factory.mktemp("hdb1")
+    _launch(tmp, "one", 1, "run", "--resume", "", supervision=single[0], accumulation=2)
+    return tmp, load_file(str(tmp / "one" / "step_0000004" / "weights.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_hdb_stage_two_processes_equal_one(single, one_process, tmp_path, mode):
+    """DDP (or FSDP fully_shard) on 2 processes vs the same global batch in one process."""
     from hyperlora_core.train.config import load_config
     from hyperlora_core.train.stages import STAGES
     from hyperlora_core.train.toy import ToyDenoiser
 
-    folder, _ = single
-    _launch(tmp_path, "one", 1, "run", "--resume", "", supervision=folder, accumulation=2)
-    _launch(tmp_path, "ddp", 2, "run", "--resume", "", supervision=folder)
-    one = load_file(str(tmp_path / "one" / "step_0000004" / "weights.safetensors"))
-    two = load_file(str(tmp_path / "ddp" / "step_0000004" / "weights.safetensors"))
-    config = load_config(tmp_path / "ddp.toml")
-    fresh = STAGES["hdb"].build(config, ToyDenoiser()).state_dict()
+    _launch(tmp_path, mode, 2, "run", "--resume", "", *(["--shard"] if mode == "fsdp" else []), supervision=single[0])
+    one = one_process[1]
+    two = load_file(str(tmp_path / mode / "step_0000004" / "weights.safetensors"))
+    fresh = STAGES["hdb"].build(load_config(tmp_path / f"{mode}.toml"), ToyDenoiser()).state_dict()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     moved = max(float((one[k] - fresh[k]).abs().max()) for k in one)
-    sys.stdout.write(f"\nhdb stage, DDP on 2 processes vs 1 process after 4 steps: {worst:.1e} (training moved the "
-                     f"weights by up to {moved:.1e})\n")
+    sys.stdout.write(f"\nhdb stage, {mode} on 2 processes vs 1 process after 4 steps: {worst:.1e} (training moved "
+                     f"the weights by up to {moved:.1e})\n")
     assert worst <= 1e-6 and moved > 1e-3

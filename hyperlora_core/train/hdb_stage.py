@@ -165,7 +165,6 @@ class Supervision:
             rows_a.append(weights.a_train)
             rows_b.append(weights.b_train)
         self.a_train, self.b_train = torch.stack(rows_a), torch.stack(rows_b)  # [identities, L, a], [.., L, c]
-        self.labels = labels
 
     def rows(self, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.tensor([self.index[label] for label in labels])

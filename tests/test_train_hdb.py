@@ -201,3 +201,42 @@ def test_checkpoint_round_trip_predicts_the_same_lidb(world, trained, tmp_path):
     size = path.stat().st_size
     assert LiDB.load(lidb.save(tmp_path / "one.safetensors")).a_train.shape == (24, LIDB["a"])
     _show(f"toy HyperDreamBooth file: {size} bytes (fp32)")
+
+
+def test_face_encoder_starts_from_the_clip_file(tmp_path):
+    """With hdb.encoder naming a CLIP ViT (HF layout), the face encoder's tokens are transformers' hidden_states[-2]
+    of the same weights; it trains (unless frozen); the exported file loads without the CLIP file. A randomly
+    initialised encoder of the same sizes gives other tokens (the comparison can fail)."""
+    transformers = pytest.importorskip("transformers")
+    from hyperlora_core.hdb.checkpoint import load_hdb, save_hdb
+    from hyperlora_core.hdb.config import HdbConfig
+    from hyperlora_core.hdb.encoder import face_tokens
+    from hyperlora_core.hdb.network import HyperDreamBooth
+
+    torch.manual_seed(0)
+    reference = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14,
+        hidden_act="quick_gelu")).eval()
+    reference.save_pretrained(tmp_path / "clip")
+    targets = target_layers(ToyDenoiser())
+    small = dict(dim=16, depth=1, heads=2, iterations=2)
+    net = HyperDreamBooth(HdbConfig(encoder=str(tmp_path / "clip"), **small), targets, a=4, c=2)
+    random = HyperDreamBooth(HdbConfig(encoder_width=32, encoder_layers=2, encoder_heads=4, patch_size=14,
+                                       image_size=28, **small), targets, a=4, c=2)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        ours, other = face_tokens(net.encoder, pixels), face_tokens(random.encoder, pixels)
+    worst = float((ours - expected).abs().max())
+    _show(f"face encoder from the CLIP file vs transformers' hidden_states[-2]: {worst:.1e}; random encoder: "
+          f"{float((other - expected).abs().max()):.1e}")
+    assert worst < 1e-4 < float((other - expected).abs().max())
+    assert all(p.requires_grad for p in net.encoder.parameters()) and net.groups()["encoder"]
+    frozen = HyperDreamBooth(HdbConfig(encoder=str(tmp_path / "clip"), freeze_encoder=True, **small), targets, a=4,
+                             c=2)
+    assert not frozen.groups()["encoder"] and not any(p.requires_grad for p in frozen.encoder.parameters())
+    path = save_hdb(net, tmp_path / "hdb.safetensors", seed=0, dtype=torch.float32)
+    (tmp_path / "clip" / "model.safetensors").unlink()  # the file describes its encoder by its sizes
+    loaded, _ = load_hdb(path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixels)[-1][0], net.eval()(pixels)[-1][0], atol=1e-6)

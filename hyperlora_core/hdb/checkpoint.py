@@ -32,12 +32,16 @@ class HdbFormatError(HyperLoRAError, ValueError):
 
 def _portable(net: HyperDreamBooth) -> HdbConfig:
     """The config with the encoder described by its sizes (the file's own weights replace any CLIP file)."""
+    from open_clip.transformer import QuickGELU
+
     visual = net.encoder
     width = visual.conv1.weight.shape[0]
-    first = visual.transformer.resblocks[0].attn
+    block = visual.transformer.resblocks[0]
     return replace(net.config, encoder="", supervision="", encoder_width=width,
-                   encoder_layers=len(visual.transformer.resblocks), encoder_heads=first.num_heads,
-                   patch_size=visual.conv1.weight.shape[-1], image_size=net.image_size)
+                   encoder_layers=len(visual.transformer.resblocks), encoder_heads=block.attn.num_heads,
+                   patch_size=visual.conv1.weight.shape[-1], image_size=net.image_size,
+                   encoder_mlp_ratio=block.mlp.c_fc.weight.shape[0] / width,
+                   encoder_quick_gelu=isinstance(block.mlp.gelu, QuickGELU), encoder_eps=float(visual.ln_pre.eps))
 
 
 def save_hdb(net: HyperDreamBooth, path: str | Path, *, seed: int, dtype: torch.dtype = torch.float16) -> Path:

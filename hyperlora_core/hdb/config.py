@@ -26,6 +26,9 @@ class HdbConfig:
     encoder_heads: int = 16  # random encoder only: attention heads
     patch_size: int = 14  # random encoder only: patch side in pixels
     image_size: int = 224  # random encoder only: input side in pixels (a file's own size wins)
+    encoder_mlp_ratio: float = 4.0  # random encoder only: feed-forward width / token width (ViT-L/14: 4096 / 1024)
+    encoder_quick_gelu: bool = True  # random encoder only: QuickGELU (OpenAI CLIP) rather than exact GELU
+    encoder_eps: float = 1e-5  # random encoder only: LayerNorm epsilon
     freeze_encoder: bool = False  # keep the face encoder's weights fixed (train decoder and heads only)
     dim: int = 1024  # decoder width (weight tokens and projected face tokens)
     depth: int = 4  # decoder blocks
@@ -52,7 +55,7 @@ class HdbConfig:
                                  f"{self.patch_size}")
         if not 0 <= self.iterate_decay <= 1:
             raise HdbConfigError(f"hdb.iterate_decay must be in [0, 1], got {self.iterate_decay!r}")
-        for name in ("weight_loss", "denoise_loss", "mlp_ratio"):
+        for name in ("weight_loss", "denoise_loss", "mlp_ratio", "encoder_mlp_ratio", "encoder_eps"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise HdbConfigError(f"hdb.{name} must be a number >= 0, got {value!r}")

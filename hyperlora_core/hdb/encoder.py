@@ -27,8 +27,9 @@ def random_tower(config: HdbConfig) -> nn.Module:
         torch.manual_seed(config.init_seed)
         visual = VisionTransformer(image_size=config.image_size, patch_size=config.patch_size,
                                    width=config.encoder_width, layers=config.encoder_layers,
-                                   heads=config.encoder_heads, mlp_ratio=4.0, act_layer=QuickGELU,
-                                   norm_layer=partial(LayerNorm, eps=1e-5))
+                                   heads=config.encoder_heads, mlp_ratio=config.encoder_mlp_ratio,
+                                   act_layer=QuickGELU if config.encoder_quick_gelu else nn.GELU,
+                                   norm_layer=partial(LayerNorm, eps=config.encoder_eps))
     visual.prune_intermediate_layers(indices=[config.encoder_layers - 1], prune_norm=True, prune_head=True)
     return visual
 

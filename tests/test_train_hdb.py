@@ -235,6 +235,10 @@ def test_face_encoder_starts_from_the_clip_file(tmp_path):
     frozen = HyperDreamBooth(HdbConfig(encoder=str(tmp_path / "clip"), freeze_encoder=True, **small), targets, a=4,
                              c=2)
     assert not frozen.groups()["encoder"] and not any(p.requires_grad for p in frozen.encoder.parameters())
+    shell = HyperDreamBooth(HdbConfig(encoder=str(tmp_path / "clip"), **small), targets, a=4, c=2, load_encoder=False)
+    shell.load_state_dict(net.state_dict(), strict=True)  # how validation and export rebuild a trained network
+    with torch.no_grad():
+        assert torch.equal(shell.eval()(pixels)[-1][0], net.eval()(pixels)[-1][0])
     path = save_hdb(net, tmp_path / "hdb.safetensors", seed=0, dtype=torch.float32)
     (tmp_path / "clip" / "model.safetensors").unlink()  # the file describes its encoder by its sizes
     loaded, _ = load_hdb(path)

@@ -13,6 +13,9 @@ the hypernetwork applied, and a target in the model's own loss space (epsilon, v
   The frozen teacher of cases 1 and 2 runs without gradients on those samples only.
 * stage 3, ID-LoRA from ArcFace: as stage 2, with the ID projector and the x path joining and the resampler's
   CLIP branch frozen.
+* stage "hdb", the HyperDreamBooth hypernetwork (its own network and loss: ``hdb_stage.py``).
+
+Each stage object builds its network (``build``) and computes its loss (``loss``); the trainer calls only those.
 
 Letters: ``b`` samples.
 """
@@ -23,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import StageConfig
+from .config import HDB, StageConfig, TrainConfig
 from .denoiser import Batch, Denoiser, Factors, combine
+from .hdb_stage import HDB_STAGE
+from .hypernet import HyperNetwork
 
 RECONSTRUCT, MATCH_BASE, MATCH_BASE_LORA = 0, 1, 2
 
@@ -39,11 +44,19 @@ class Stage:
     reads_clip: bool  # the CLIP branch is on
     id_lora: bool  # the ID-LoRA is predicted (stages 2, 3) or not (stage 1)
 
+    def build(self, config: TrainConfig, denoiser: Denoiser, *, init: bool = True) -> HyperNetwork:
+        return HyperNetwork(config.model, denoiser.targets, denoiser.unet)
+
+    def loss(self, config: TrainConfig, net: torch.nn.Module, denoiser: Denoiser, batch: Batch, draws: Draws,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return stage_loss(self, config.stage, net, denoiser, batch, draws)
+
 
 STAGES = {
     1: Stage(1, ("base",), reads_arcface=False, reads_clip=False, id_lora=False),
     2: Stage(2, ("id_clip", "id_shared", "id_bases"), reads_arcface=False, reads_clip=True, id_lora=True),
     3: Stage(3, ("id_x", "id_shared", "id_bases"), reads_arcface=True, reads_clip=True, id_lora=True),
+    HDB: HDB_STAGE,
 }
 
 

@@ -12,7 +12,7 @@ _TESTS = str(Path(__file__).resolve().parents[2])  # tests/, for face_doubles
 if _TESTS not in sys.path:
     sys.path.append(_TESTS)
 
-from . import faults, tiny  # noqa: E402
+from . import families, faults, tiny  # noqa: E402
 
 SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the random weights / pixels"})
 
@@ -254,4 +254,5 @@ class HLTestHyperLoRAState:
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestTinyControlNet, HLTestFaceImage,
-    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels, HLTestHyperLoRAState)} | faults.NODE_CLASS_MAPPINGS
+    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels, HLTestHyperLoRAState)}
+NODE_CLASS_MAPPINGS |= faults.NODE_CLASS_MAPPINGS | families.NODE_CLASS_MAPPINGS

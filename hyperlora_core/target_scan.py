@@ -16,7 +16,8 @@ sizes of every linear, and ComfyUI's LoRA key map) and :func:`scan_targets` turn
   more target module, in the model's order.
 
 Every target is named by the weight key ComfyUI's key map patches (``diffusion_model.<path>``), so that a LoRA on
-it loads through ComfyUI's own LoRA path; a linear the key map does not reach is refused.
+it loads through ComfyUI's own LoRA path; a linear the key map does not reach is refused (the check is skipped
+when the tree carries no key map).
 """
 
 from __future__ import annotations

@@ -49,6 +49,24 @@ def test_the_description_lists_the_expected_linears(built, name):
         assert tuple(weights[lin.key + ".weight"].shape) == (lin.out_features, lin.in_features), lin.key
 
 
+def plain(targets) -> tuple:
+    """A TargetLayers as tuples (the node package imports its own copy of the dataclasses)."""
+    return targets.family, tuple((m.name, tuple((lin.key, lin.in_features, lin.out_features) for lin in m.linears))
+                                 for m in targets.modules)
+
+
+def test_the_node_layer_reads_a_model_patcher(built):
+    """nodes/targets.py: describe_model on a MODEL (ModelPatcher) or its BaseModel, and the file keys."""
+    from helpers import pack_module
+
+    targets_node = pack_module("nodes.targets")
+    model, key_map = built["Flux"]
+    scanned = describe(built, "Flux", feed_forward=True)
+    assert plain(targets_node.describe_model(model, feed_forward=True)) == plain(scanned)
+    assert plain(targets_node.describe_model(model.model)) == plain(describe(built, "Flux"))
+    assert targets_node.file_keys(model, scanned) == lora_file_keys(scanned, key_map)
+
+
 def test_sdxl_gives_exactly_the_released_layout(built):
     scanned, released = describe(built, "SDXL"), sdxl_target_layers(tiny.host_unet())
     assert [m.name for m in scanned.modules] == [m.name for m in released.modules]

@@ -15,11 +15,11 @@ list. Other families carry the description itself in ``hyper_lora_modules.json``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, ModuleMismatchError
 from .topology import LINEARS, SDXL, AttnModule, UNetSpec, comfy_key, sdxl_modules
 
 #: Each target linear owns two tokens of the weight sequence: its down token, then its up token.
@@ -205,3 +205,32 @@ def released_json(layers: TargetLayers, naming: str = "kohya_diffusers") -> dict
             return None
         table[attn.name(naming)] = {"hidden_size": hidden, "cross_attention_dim": context if attn.cross else None}
     return table
+
+
+def check_fits(targets: TargetLayers, weights: Mapping[str, Sequence[int]], model_family: str) -> None:
+    """Refuse a model whose weights (``{ComfyUI key: shape}``, e.g. from its state dict) lack a target linear or
+    have it at other sizes; the message names both families and the first target, in token order, that does not
+    fit."""
+    missing, other = [], []
+    for lin in targets.linears:
+        found = weights.get(lin.key + ".weight")
+        if found is None:
+            missing.append(lin)
+        elif tuple(found) != lin.weight_shape:
+            other.append((lin, tuple(found)))
+    if not missing and not other:
+        return
+    order = {lin.key: i for i, lin in enumerate(targets.linears)}
+    first = min([*missing, *(lin for lin, _ in other)], key=lambda lin: order[lin.key])
+    shape = dict((lin.key, found) for lin, found in other).get(first.key)
+    where = (f"{first.key} does not exist in the MODEL" if shape is None else
+             f"{first.key} is {list(shape)} in the MODEL, {list(first.weight_shape)} in the HyperLoRA")
+    parts = [f"{len(missing)} of its {len(targets.linears)} layers do not exist in the MODEL"] if missing else []
+    parts += [f"{len(other)} have other sizes"] if other else []
+    if model_family != targets.family:
+        advice = f"Load a {targets.family} model, or use a HyperLoRA made for {model_family}."
+    else:
+        advice = (f"The MODEL is a {model_family} of other widths than this HyperLoRA was made for: use a standard "
+                  f"{targets.family} model, or a HyperLoRA trained on this one.")
+    raise ModuleMismatchError(f"This HyperLoRA was made for {targets.family} and the MODEL is {model_family}: they "
+                              f"do not fit. First layer that does not fit: {where}; {' and '.join(parts)}. {advice}")

@@ -17,6 +17,8 @@ log = logging.getLogger("hyperlora_core")
 
 
 def _naming(checkpoint: Checkpoint) -> str:
+    if not checkpoint.modules:
+        return "extended (linears by ComfyUI key)"
     for naming in NAMINGS:
         if all(m.name(naming) == n for m, n in zip(checkpoint.modules, checkpoint.names, strict=True)):
             return naming
@@ -24,6 +26,8 @@ def _naming(checkpoint: Checkpoint) -> str:
 
 
 def _order(checkpoint: Checkpoint) -> str:
+    if not checkpoint.modules:
+        return "json order (the token order)"
     for label, order in (("SGM (down, mid, up)", sdxl_modules()), ("diffusers (down, up, mid)", diffusers_order())):
         if checkpoint.modules == tuple(order):
             return label
@@ -41,10 +45,12 @@ def summary(checkpoint: Checkpoint) -> dict[str, object]:
     out: dict[str, object] = {
         "folder": str(checkpoint.folder),
         "fingerprint": checkpoint.fingerprint,
-        "modules": len(checkpoint.modules),
+        "family": checkpoint.family,
+        "modules": len(checkpoint.targets.modules),
+        "linears": len(checkpoint.targets.linears),
         "module_naming": _naming(checkpoint),
         "module_order": _order(checkpoint),
-        "target": checkpoint.unet.name,
+        "target": checkpoint.unet.name if checkpoint.unet is not None else checkpoint.family,
         "basis_size_K": checkpoint.basis.k,
         "id_rank": checkpoint.basis.id_rank,
         "base_rank": checkpoint.basis.base_rank,

@@ -51,7 +51,8 @@ class HyperLoRARefine(io.ComfyNode):
             description="A few dozen fine-tuning steps on the reference photos, starting from the HyperLoRA "
                         "prediction (HyperDreamBooth-style). The incoming MODEL is never changed.",
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL model to fine-tune against (it is not changed)."),
+                io.Model.Input("model", tooltip="The model to fine-tune against, of the HyperLoRA's family (it is "
+                                                "not changed)."),
                 io.Vae.Input("vae", tooltip="The model's VAE: it encodes the reference photos into latents."),
                 io.Conditioning.Input("positive", tooltip="The training prompt (CLIP Text Encode); it should contain "
                                                           "the trigger words 'fcsks fxhks fhyks'."),

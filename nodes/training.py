@@ -181,9 +181,9 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
            precision: str = "auto", checkpointing: bool = True) -> tuple[RefineResult, list[float]]:
     """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched.
     The result, loaded at strength 1.0, gives exactly the weights the last step trained with."""
+    check_model(model, handle.core.targets)
     predicted = make_lora(handle, identity, "id", key_format="comfy")
     handle.core.release_bases()  # coefficients mode maps the bases it trains with itself
-    check_model(model, predicted)
     device = mm.get_torch_device()
     dtype = training_dtype(precision, device)
     mp = None

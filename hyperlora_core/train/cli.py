@@ -90,7 +90,7 @@ def _export(trainer, folder: Path) -> None:
 
     weights = trainer.full_weights()
     if trainer.rank == 0:
-        net = HyperNetwork(trainer.config.model, trainer.denoiser.targets, trainer.denoiser.unet)
+        net = HyperNetwork(trainer.config.model, trainer.denoiser.targets)
         net.load_state_dict(weights, strict=True)
         export_checkpoint(net, folder, training={"step": trainer.step, "config": trainer.config.to_dict()})
         sys.stdout.write(f"exported {folder}\n")
@@ -102,7 +102,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
     from safetensors.torch import load_file
 
-    from ..topology import UNetSpec, resolve
+    from ..targets import TargetLayers
     from .export import export_checkpoint
     from .hypernet import HyperNetwork
 
@@ -111,9 +111,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"'{step}' is not a training checkpoint (no state.json); give a step_<n> folder")
     state = json.loads((step / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
-    unet = state["unet"]
-    net = HyperNetwork(config.model, [resolve(n) for n in state["targets"]],
-                       UNetSpec(unet["name"], tuple(unet["level_widths"]), unet["context_dim"]))
+    net = HyperNetwork(config.model, TargetLayers.from_json(state["targets"], str(step / "state.json")))
     weights = load_file(str(step / "weights.safetensors"))
     if not args.no_ema and (step / "ema.safetensors").exists():
         weights.update(load_file(str(step / "ema.safetensors")))

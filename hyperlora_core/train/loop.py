@@ -71,7 +71,7 @@ class Trainer:
                                    else run.device)
         if hasattr(denoiser, "gradient_checkpointing"):
             denoiser.gradient_checkpointing = run.gradient_checkpointing
-        self.net = HyperNetwork(config.model, denoiser.targets, denoiser.unet).to(self.device)
+        self.net = HyperNetwork(config.model, denoiser.targets).to(self.device)
         if config.stage.init:
             self.net.load_state_dict(read_weights(Path(config.stage.init)), strict=True)
         trainable = {id(p) for g in self.stage.trains for p in self.net.groups()[g]}
@@ -189,7 +189,7 @@ class Trainer:
         weights = self.full_weights()
         if self.rank != 0:
             return {}
-        net = HyperNetwork(self.config.model, self.denoiser.targets, self.denoiser.unet).to(self.device)
+        net = HyperNetwork(self.config.model, self.denoiser.targets).to(self.device)
         net.load_state_dict(weights, strict=True)
         with torch.no_grad():
             values = {f"val/{k}": v for k, v in self.validate_fn(net.eval()).items()}
@@ -226,11 +226,9 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "optimizer.safetensors"))
             if ema is not None:
                 save_file(ema, str(tmp / "ema.safetensors"))
-            unet = self.denoiser.unet
             (tmp / STATE_FILE).write_text(json.dumps({
                 "step": self.step, "config": self.config.to_dict(), "param_groups": groups,
-                "targets": [m.sgm for m in self.denoiser.targets],
-                "unet": {"name": unet.name, "level_widths": list(unet.level_widths), "context_dim": unet.context_dim},
+                "targets": self.denoiser.targets.to_json(),
             }, indent=1))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 _TESTS = str(Path(__file__).resolve().parents[2])  # tests/, for face_doubles
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
+_ROOT = str(Path(__file__).resolve().parents[3])  # the repository, for hyperlora_core (appended: ComfyUI's own
+for _path in (_TESTS, _ROOT):  # modules, e.g. its nodes.py, keep their names)
+    if _path not in sys.path:
+        sys.path.append(_path)
 
 from . import families, faults, tiny  # noqa: E402
 

@@ -92,8 +92,50 @@ class HLTestTinyFamily:
         return (FAMILIES[family].build(seed),)
 
 
+class HLTestDumpTargets:
+    """Write the weights of the model's target linears (read by target_scan, as the HyperLoRA nodes read them) to
+    output/<name>.safetensors, after ComfyUI's model management applied the MODEL's patches; metadata: how many
+    patches the MODEL carries and the family."""
+
+    CATEGORY = "hyperlora_test"
+    RETURN_TYPES = ()
+    FUNCTION = "dump"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "the model to read"}),
+                             "name": ("STRING", {"default": "targets", "tooltip": "file name under output/"}),
+                             "feed_forward": ("BOOLEAN", {"default": False, "tooltip": "add the feed-forward"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def dump(self, model, name, feed_forward):
+        from pathlib import Path
+
+        import comfy.lora
+        import comfy.model_management
+        import folder_paths
+        import safetensors.torch
+
+        from hyperlora_core.target_scan import read_tree, scan_targets
+
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        base = model.model
+        targets = scan_targets(read_tree(base, comfy.lora.model_lora_keys_unet(base, {})), feed_forward=feed_forward)
+        sd = base.state_dict()
+        weights = {lin.key: sd[lin.key + ".weight"].detach().float().cpu().clone() for lin in targets.linears}
+        meta = {"patches": str(len(model.patches)), "family": targets.family}
+        path = Path(folder_paths.get_output_directory()) / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(weights, str(path), metadata=meta)
+        return {"ui": {"dump": [{"path": str(path), **meta, "weights": len(weights)}]}}
+
+
 def tiny_seed():
     return ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the random weights"})
 
 
-NODE_CLASS_MAPPINGS = {"HLTestTinyFamily": HLTestTinyFamily}
+NODE_CLASS_MAPPINGS = {"HLTestTinyFamily": HLTestTinyFamily, "HLTestDumpTargets": HLTestDumpTargets}

@@ -228,7 +228,7 @@ def check_fits(targets: TargetLayers, weights: Mapping[str, Sequence[int]], mode
     parts = [f"{len(missing)} of its {len(targets.linears)} layers do not exist in the MODEL"] if missing else []
     parts += [f"{len(other)} have other sizes"] if other else []
     if model_family != targets.family:
-        advice = f"Load a {targets.family} model, or use a HyperLoRA made for {model_family}."
+        advice = f"Use a model of the {targets.family} family, or a HyperLoRA made for {model_family}."
     else:
         advice = (f"The MODEL is a {model_family} of other widths than this HyperLoRA was made for: use a standard "
                   f"{targets.family} model, or a HyperLoRA trained on this one.")

@@ -187,7 +187,7 @@ def test_a_model_of_another_family_is_refused():
     assert "made for SD15 and the MODEL is Flux" in text
     assert "First layer that does not fit: diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q " \
            "does not exist" in text
-    assert "12 of its 12 layers do not exist" in text and "Load a SD15 model" in text
+    assert "12 of its 12 layers do not exist" in text and "Use a model of the SD15 family" in text
 
 
 def test_other_sizes_name_the_first_layer_that_differs():

@@ -21,6 +21,8 @@ from hyperlora_core.target_scan import read_tree, scan_targets
 from hyperlora_core.targets import MODEL_PREFIX, TargetLayers
 from hyperlora_core.train.denoiser import Batch, Factors
 
+from .inplace import guard_inplace_streams
+
 CACHE_CAPTIONS = 4096  # distinct captions whose text encoding is kept
 
 
@@ -57,6 +59,7 @@ class ComfyDenoiser:
         self.num_timesteps = len(self.sampling.sigmas)
         self.targets = describe(self.model)  # family and linears from the model it loaded
         linears = find_targets(self.model.diffusion_model, self.targets)
+        guard_inplace_streams(self.model.diffusion_model)  # Flux-style blocks add to their stream in place
         self.gradient_checkpointing = False  # recompute each UNet block's activations in backward (the trainer sets it)
         self.recomputed = 0  # block forwards run again in backward (shows the checkpointing works)
         self._lora: Factors | None = None
@@ -122,9 +125,11 @@ class ComfyDenoiser:
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sampling.sigmas.to(self.device)[t.to(self.device)]
 
-    def _out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        """d(denoised)/d(model output) per sample: dividing x0 errors by it gives the output-space error."""
-        ones = torch.ones((len(sigma), 1, 1, 1), device=sigma.device)
+    def _out_scale(self, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+        """d(denoised)/d(model output) per sample, shaped to broadcast over ``ndim``-d latents (4: images; 5: the
+        [b, c, t, h, w] latents of video-VAE families such as Qwen-Image): dividing x0 errors by it gives the
+        output-space error."""
+        ones = torch.ones((len(sigma),) + (1,) * (ndim - 1), device=sigma.device)
         return self.sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones)).abs()
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +139,7 @@ class ComfyDenoiser:
         sigma = self._sigma(t)
         clean = self.sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise),
                                             self.model.process_latent_in(x0), False)
-        return clean / self._out_scale(sigma)
+        return clean / self._out_scale(sigma, clean.ndim)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: dict[str, torch.Tensor],
                 lora: Factors | None) -> torch.Tensor:
@@ -144,7 +149,7 @@ class ComfyDenoiser:
             x0 = self.model.apply_model(x_t, sigma, c_crossattn=context["c_crossattn"], y=context["y"])
         finally:
             self._lora = None
-        return x0 / self._out_scale(sigma)
+        return x0 / self._out_scale(sigma, x0.ndim)
 
 
 def _square(image, side: int) -> torch.Tensor:

@@ -30,6 +30,8 @@ class Family:
     build: object  # seed -> ModelPatcher
     attention: int  # attention projections: the default targets
     feed_forward: int  # feed-forward linears added by the opt-in
+    context: int  # width of the text conditioning (c_crossattn) the model reads
+    pooled: int | None  # width of its pooled / size conditioning (y), None if it reads none
 
 
 def _unet_blocks(config: dict) -> int:
@@ -62,14 +64,18 @@ def _families() -> dict[str, Family]:
     qwen = TINY_QWEN_IMAGE["num_layers"]
     return {f.name: f for f in (
         # UNet block: attn1 + attn2, each to_q/k/v/out.0; feed-forward ff.net.0.proj + ff.net.2
-        Family("SD15", tiny.tiny_sd15, attention=sd15 * 2 * 4, feed_forward=sd15 * 2),
-        Family("SDXL", tiny.tiny_sdxl, attention=sdxl * 2 * 4, feed_forward=sdxl * 2),
+        Family("SD15", tiny.tiny_sd15, attention=sd15 * 2 * 4, feed_forward=sd15 * 2,
+               context=tiny.TINY_SD15_CONFIG["context_dim"], pooled=None),
+        Family("SDXL", tiny.tiny_sdxl, attention=sdxl * 2 * 4, feed_forward=sdxl * 2,
+               context=tiny.TINY_SDXL_CONFIG["context_dim"], pooled=tiny.TINY_SDXL_CONFIG["adm_in_channels"]),
         # double block: img_attn + txt_attn, each qkv + proj; single block: linear1 + linear2 (fused);
         # feed-forward: img_mlp + txt_mlp, 2 linears each
         Family("Flux", tiny_flux_real, attention=flux_double * 2 * 2 + flux_single * 2,
-               feed_forward=flux_double * 2 * 2),
+               feed_forward=flux_double * 2 * 2, context=TINY_FLUX_REAL["context_in_dim"],
+               pooled=TINY_FLUX_REAL["vec_in_dim"]),
         # block: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out; feed-forward img_mlp + txt_mlp, 2 linears each
-        Family("QwenImage", tiny_qwen_image, attention=qwen * 8, feed_forward=qwen * 2 * 2),
+        Family("QwenImage", tiny_qwen_image, attention=qwen * 8, feed_forward=qwen * 2 * 2,
+               context=TINY_QWEN_IMAGE["joint_attention_dim"], pooled=None),
     )}
 
 

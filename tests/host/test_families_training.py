@@ -1,4 +1,5 @@
-"""Host tier: the trainer's ComfyUI backend on the tiny model of every tested family (SD1.5, SDXL, Flux, Qwen-Image).
+"""Host tier: the trainer's ComfyUI backend on the tiny model of every tested family (SD1.5, SDXL, Flux, Qwen-Image,
+SD3).
 
 A few stage-3 steps run on each, the export describes the family's linears (read from the model the trainer
 loaded), its LoRA patched by ComfyUI predicts what the trainer's in-graph LoRA predicts, and the export applies in

@@ -1,7 +1,8 @@
-"""Tiny models of every family HyperLoRA is tested on, built from ComfyUI's own classes at real block counts.
+"""Tiny models of every family HyperLoRA is tested on, built from ComfyUI's own classes.
 
-Each family's real topology (number of blocks and their kinds) at widths of 32-128, so that a target-layer
-description read from the tiny model has the real model's number of linears. ``expected_linears`` counts them from
+SD1.5, SDXL, Flux and Qwen-Image have their real topology (number of blocks and their kinds) at widths of 32-128,
+so that a target-layer description read from the tiny model has the real model's number of linears; SD3 (MMDiT,
+whose width is tied to its depth) has 2 joint blocks. ``expected_linears`` counts them from
 the config alone (blocks x projections), independently of the scanning code.
 """
 
@@ -20,6 +21,12 @@ TINY_FLUX_REAL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, 
 TINY_QWEN_IMAGE = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "patch_size": 2,
                    "num_layers": 60, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
                    "axes_dims_rope": (8, 12, 12)}
+# SD3 (comfy.ldm.modules.diffusionmodules.mmdit.MMDiT): width is 64 x depth there, so the real 24 blocks cannot be
+# tiny; 2 joint blocks (the last context block pre-only, without output projection or MLP), context 64
+TINY_SD3_2 = {"in_channels": 16, "patch_size": 2, "depth": 2, "pos_embed_max_size": 16, "num_patches": 256,
+              "adm_in_channels": 32, "pos_embed_scaling_factor": None, "out_channels": 16,
+              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64,
+                                                                                   "out_features": 128}}}
 
 
 @dataclass(frozen=True)
@@ -58,10 +65,25 @@ def tiny_qwen_image(seed: int = 0):
     return tiny._patcher(model)
 
 
+def tiny_sd3(seed: int = 0):
+    """A ModelPatcher around SD3 (comfy.supported_models.SD3): 2 joint blocks at width 128."""
+    import comfy.supported_models
+    import torch
+
+    model = comfy.supported_models.SD3(dict(TINY_SD3_2)).get_model({})
+    tiny.randomise(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # pos_embed is a buffer from torch.empty (a checkpoint fills it): may hold NaN
+        pos = model.diffusion_model.pos_embed
+        pos.copy_(torch.randn(pos.shape, generator=g) * 0.02)
+    return tiny._patcher(model)
+
+
 def _families() -> dict[str, Family]:
     sd15, sdxl = _unet_blocks(tiny.TINY_SD15_CONFIG), _unet_blocks(tiny.TINY_SDXL_CONFIG)
     flux_double, flux_single = TINY_FLUX_REAL["depth"], TINY_FLUX_REAL["depth_single_blocks"]
     qwen = TINY_QWEN_IMAGE["num_layers"]
+    sd3 = TINY_SD3_2["depth"]
     return {f.name: f for f in (
         # UNet block: attn1 + attn2, each to_q/k/v/out.0; feed-forward ff.net.0.proj + ff.net.2
         Family("SD15", tiny.tiny_sd15, attention=sd15 * 2 * 4, feed_forward=sd15 * 2,
@@ -76,6 +98,11 @@ def _families() -> dict[str, Family]:
         # block: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out; feed-forward img_mlp + txt_mlp, 2 linears each
         Family("QwenImage", tiny_qwen_image, attention=qwen * 8, feed_forward=qwen * 2 * 2,
                context=TINY_QWEN_IMAGE["joint_attention_dim"], pooled=None),
+        # joint block: context and x attention, each qkv + proj, but the last context block has no proj; feed-
+        # forward: mlp.fc1 + fc2 of every block but that pre-only one
+        Family("SD3", tiny_sd3, attention=sd3 * 2 * 2 - 1, feed_forward=(sd3 * 2 - 1) * 2,
+               context=TINY_SD3_2["context_embedder_config"]["params"]["in_features"],
+               pooled=TINY_SD3_2["adm_in_channels"]),
     )}
 
 
@@ -83,7 +110,7 @@ FAMILIES = _families()
 
 
 class HLTestTinyFamily:
-    """A MODEL of one tested family (SD1.5, SDXL, Flux, Qwen-Image) at its real block count, tiny widths."""
+    """A MODEL of one tested family (SD1.5, SDXL, Flux, Qwen-Image at real block counts; SD3 at 2 blocks)."""
 
     CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("MODEL",)

@@ -76,8 +76,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _print_summary(info: dict[str, object]) -> None:
     lines = [f"checkpoint   {info['folder']}", f"fingerprint  {info['fingerprint']}",
-             f"modules      {info['modules']} ({info['linears']} linears) for {info['target']}, "
-             f"{info['module_naming']} names, {info['module_order']} order",
+             f"modules      {info['modules']} for {info['target']}, {info['module_naming']} names, "
+             f"{info['module_order']} order, {info['linears']} linears",
              f"basis        K={info['basis_size_K']}, ID rank {info['id_rank']}, base rank {info['base_rank']}",
              f"encoders     {' + '.join(info['encoders'])}, Base-LoRA: {'yes' if info['base_lora'] else 'no'}",
              "resampler    " + ", ".join(f"{k} {v}" for k, v in info["resampler"].items())]

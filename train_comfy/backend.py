@@ -26,12 +26,14 @@ from .inplace import guard_inplace_streams
 CACHE_CAPTIONS = 4096  # distinct captions whose text encoding is kept
 
 
-def describe(base_model) -> TargetLayers:
+def describe(base_model, feed_forward: bool = False) -> TargetLayers:
     """The target linears of a ComfyUI ``BaseModel``, read from the model itself (its module tree and ComfyUI's
-    LoRA key map; the family is its model_config's class name): the same description Apply checks a MODEL with."""
+    LoRA key map; the family is its model_config's class name): the same description Apply checks a MODEL with.
+    ``feed_forward`` adds the feed-forward linears to the attention projections."""
     import comfy.lora
 
-    return scan_targets(read_tree(base_model, comfy.lora.model_lora_keys_unet(base_model, {})))
+    return scan_targets(read_tree(base_model, comfy.lora.model_lora_keys_unet(base_model, {})),
+                        feed_forward=feed_forward)
 
 
 def find_targets(diffusion_model: torch.nn.Module, targets: TargetLayers) -> dict[str, torch.nn.Linear]:
@@ -50,14 +52,15 @@ def find_targets(diffusion_model: torch.nn.Module, targets: TargetLayers) -> dic
 class ComfyDenoiser:
     """A frozen ComfyUI model (``ModelPatcher``) and its text encoder (``comfy.sd.CLIP``) as a Denoiser."""
 
-    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024) -> None:
+    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024,
+                 feed_forward: bool = False) -> None:
         self.patcher, self.clip, self.resolution = patcher, clip, resolution
         self.model = patcher.model
         self.device = torch.device(device)
         self.model.to(self.device).requires_grad_(False).eval()
         self.sampling = self.model.model_sampling
         self.num_timesteps = len(self.sampling.sigmas)
-        self.targets = describe(self.model)  # family and linears from the model it loaded
+        self.targets = describe(self.model, feed_forward)  # family and linears from the model it loaded
         linears = find_targets(self.model.diffusion_model, self.targets)
         guard_inplace_streams(self.model.diffusion_model)  # Flux-style blocks add to their stream in place
         self.gradient_checkpointing = False  # recompute each UNet block's activations in backward (the trainer sets it)
@@ -182,7 +185,7 @@ def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | 
 
 
 def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: str = "auto",
-                        resolution: int = 1024) -> tuple[ComfyDenoiser, object]:
+                        resolution: int = 1024, feed_forward: bool = False) -> tuple[ComfyDenoiser, object]:
     """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE)."""
     if comfyui:
         sys.path.insert(0, str(Path(comfyui)))
@@ -197,4 +200,4 @@ def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: 
     patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution), vae
+    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution, feed_forward=feed_forward), vae

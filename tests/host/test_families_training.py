@@ -34,7 +34,7 @@ MODEL = dict(k=8, id_rank=4, dim=32, depth=1, heads=2, dim_head=16, id_tokens=4,
 NAMES = list(families.FAMILIES)
 
 
-def text_free_denoiser(patcher, family: families.Family):
+def text_free_denoiser(patcher, family: families.Family, feed_forward: bool = False):
     from train_comfy.backend import ComfyDenoiser
 
     class TextFree(ComfyDenoiser):
@@ -46,7 +46,7 @@ def text_free_denoiser(patcher, family: families.Family):
             pooled = torch.randn(len(captions), family.pooled, generator=g) if family.pooled else None
             return {"c_crossattn": context, "y": pooled}
 
-    return TextFree(patcher, None, resolution=64)
+    return TextFree(patcher, None, resolution=64, feed_forward=feed_forward)
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -130,3 +130,20 @@ def test_the_export_applies_through_prompt(comfy, server, trained):
     shutil.copytree(folder, server.models / "hyper_lora" / checkpoint)
     out = apply_vs_stock(server, name, checkpoint, tag=f"trained_{name}")
     check(out, name, len(denoiser.targets.linears))
+
+
+def test_feed_forward_training_is_opt_in(comfy, tmp_path):
+    """data.feed_forward: the trainer targets the feed-forward linears too (Flux: 152 + 76), trains, exports them."""
+    family = families.FAMILIES["Flux"]
+    config = TrainConfig().replace(model=MODEL, stage={"stage": 3}, optim={"steps": 1, "lr": 1e-3, "warmup": 1},
+                                   run={"out": str(tmp_path / "run"), "batch": 2, "log_every": 1},
+                                   data={"feed_forward": True})
+    denoiser = text_free_denoiser(family.build(seed=0), family, feed_forward=config.data.feed_forward)
+    assert len(denoiser.targets.linears) == family.attention + family.feed_forward
+    data = SyntheticIdentities(identities=2, images=2, held_out=1, channels=16, side=8, clip_dim=32)
+    trainer = Trainer(config, denoiser, data)
+    assert math.isfinite(trainer.train(progress=False)["loss"])
+    listed = json.loads((export_checkpoint(trainer.net, tmp_path / "export") / "hyper_lora_modules.json").read_text())
+    linears = [lin["key"] for module in listed.values() if "linears" in module for lin in module["linears"]]
+    assert len(linears) == family.attention + family.feed_forward
+    assert "diffusion_model.double_blocks.0.img_mlp.0" in linears

@@ -67,6 +67,25 @@ def test_the_node_layer_reads_a_model_patcher(built):
     assert targets_node.file_keys(model, scanned) == lora_file_keys(scanned, key_map)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_released_size_has_the_counted_linears(comfy, name):
+    """The real configs (SD3 medium: 24 blocks) built on the meta device: the counts from the config, sizes from
+    the weights; SDXL's description is exactly the released layout (keys, sizes, token order)."""
+    base = families.real_size_on_meta(name)
+    targets = scan_targets(read_tree(base, comfy.lora.model_lora_keys_unet(base, {})))
+    attention, _ = families.COUNTS[name](families.REAL_CONFIGS[name])
+    params = sum(p.numel() for p in base.parameters())
+    show(f"\n{name} at released size ({params / 1e9:.2f} G parameters): {len(targets.linears)} attention linears in "
+         f"{len(targets.modules)} modules")
+    assert targets.family == name
+    assert len(targets.linears) == attention
+    weights = base.state_dict()
+    assert all(tuple(weights[lin.key + ".weight"].shape) == lin.weight_shape for lin in targets.linears)
+    if name == "SDXL":
+        assert targets.linears == sdxl_target_layers().linears
+        assert [m.name for m in targets.modules] == [m.name for m in sdxl_target_layers().modules]
+
+
 def test_sdxl_gives_exactly_the_released_layout(built):
     scanned, released = describe(built, "SDXL"), sdxl_target_layers(tiny.host_unet())
     assert [m.name for m in scanned.modules] == [m.name for m in released.modules]

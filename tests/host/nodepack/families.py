@@ -79,30 +79,79 @@ def tiny_sd3(seed: int = 0):
     return tiny._patcher(model)
 
 
+# Linears per family counted from a config alone (blocks x projections): (attention, feed-forward).
+def unet_counts(config: dict) -> tuple[int, int]:
+    """UNet transformer block: attn1 + attn2, each to_q/k/v/out.0; feed-forward ff.net.0.proj + ff.net.2."""
+    blocks = _unet_blocks(config)
+    return blocks * 2 * 4, blocks * 2
+
+
+def flux_counts(config: dict) -> tuple[int, int]:
+    """Double block: img_attn + txt_attn, each qkv + proj; single block: linear1 + linear2 (fused with the MLP);
+    feed-forward: img_mlp + txt_mlp of the double blocks, 2 linears each."""
+    return config["depth"] * 2 * 2 + config["depth_single_blocks"] * 2, config["depth"] * 2 * 2
+
+
+def qwen_image_counts(config: dict) -> tuple[int, int]:
+    """Block: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out; feed-forward img_mlp + txt_mlp, 2 linears each."""
+    layers = config.get("num_layers", 60)
+    return layers * 8, layers * 2 * 2
+
+
+def sd3_counts(config: dict) -> tuple[int, int]:
+    """Joint block: context and x attention, each qkv + proj, but the last context block (pre-only) has no proj;
+    feed-forward: mlp.fc1 + fc2 of every block but that pre-only one."""
+    depth = config["depth"]
+    return depth * 2 * 2 - 1, (depth * 2 - 1) * 2
+
+
+COUNTS = {"SD15": unet_counts, "SDXL": unet_counts, "Flux": flux_counts, "QwenImage": qwen_image_counts,
+          "SD3": sd3_counts}
+# The released models' configs as ComfyUI's model detection gives them (for counts at real size, meta device)
+REAL_CONFIGS = {
+    "SD15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "SDXL": dict(tiny.TINY_SDXL_CONFIG, model_channels=320, context_dim=2048, adm_in_channels=2816,
+                 num_head_channels=64),
+    "Flux": dict(TINY_FLUX_REAL, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24,
+                 axes_dim=[16, 56, 56]),
+    "QwenImage": {"image_model": "qwen_image", "in_channels": 64, "num_layers": 60},
+    "SD3": {"in_channels": 16, "patch_size": 2, "depth": 24, "pos_embed_max_size": 192, "num_patches": 36864,
+            "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "out_channels": 16,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": 4096, "out_features": 1536}}},
+}
+
+
+def real_size_on_meta(name: str):
+    """ComfyUI's BaseModel of ``name`` at its released size, on the meta device (no memory, no weights)."""
+    import comfy.supported_models
+    import torch
+
+    with torch.device("meta"):
+        return getattr(comfy.supported_models, name)(dict(REAL_CONFIGS[name])).get_model({})
+
+
+def _family(name: str, build, config: dict, context: int, pooled: int | None) -> Family:
+    attention, feed_forward = COUNTS[name](config)
+    return Family(name, build, attention=attention, feed_forward=feed_forward, context=context, pooled=pooled)
+
+
 def _families() -> dict[str, Family]:
-    sd15, sdxl = _unet_blocks(tiny.TINY_SD15_CONFIG), _unet_blocks(tiny.TINY_SDXL_CONFIG)
-    flux_double, flux_single = TINY_FLUX_REAL["depth"], TINY_FLUX_REAL["depth_single_blocks"]
-    qwen = TINY_QWEN_IMAGE["num_layers"]
-    sd3 = TINY_SD3_2["depth"]
+    sd15, sdxl = tiny.TINY_SD15_CONFIG, tiny.TINY_SDXL_CONFIG
     return {f.name: f for f in (
-        # UNet block: attn1 + attn2, each to_q/k/v/out.0; feed-forward ff.net.0.proj + ff.net.2
-        Family("SD15", tiny.tiny_sd15, attention=sd15 * 2 * 4, feed_forward=sd15 * 2,
-               context=tiny.TINY_SD15_CONFIG["context_dim"], pooled=None),
-        Family("SDXL", tiny.tiny_sdxl, attention=sdxl * 2 * 4, feed_forward=sdxl * 2,
-               context=tiny.TINY_SDXL_CONFIG["context_dim"], pooled=tiny.TINY_SDXL_CONFIG["adm_in_channels"]),
-        # double block: img_attn + txt_attn, each qkv + proj; single block: linear1 + linear2 (fused);
-        # feed-forward: img_mlp + txt_mlp, 2 linears each
-        Family("Flux", tiny_flux_real, attention=flux_double * 2 * 2 + flux_single * 2,
-               feed_forward=flux_double * 2 * 2, context=TINY_FLUX_REAL["context_in_dim"],
-               pooled=TINY_FLUX_REAL["vec_in_dim"]),
-        # block: to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out; feed-forward img_mlp + txt_mlp, 2 linears each
-        Family("QwenImage", tiny_qwen_image, attention=qwen * 8, feed_forward=qwen * 2 * 2,
-               context=TINY_QWEN_IMAGE["joint_attention_dim"], pooled=None),
-        # joint block: context and x attention, each qkv + proj, but the last context block has no proj; feed-
-        # forward: mlp.fc1 + fc2 of every block but that pre-only one
-        Family("SD3", tiny_sd3, attention=sd3 * 2 * 2 - 1, feed_forward=(sd3 * 2 - 1) * 2,
-               context=TINY_SD3_2["context_embedder_config"]["params"]["in_features"],
-               pooled=TINY_SD3_2["adm_in_channels"]),
+        _family("SD15", tiny.tiny_sd15, sd15, context=sd15["context_dim"], pooled=None),
+        _family("SDXL", tiny.tiny_sdxl, sdxl, context=sdxl["context_dim"], pooled=sdxl["adm_in_channels"]),
+        _family("Flux", tiny_flux_real, TINY_FLUX_REAL, context=TINY_FLUX_REAL["context_in_dim"],
+                pooled=TINY_FLUX_REAL["vec_in_dim"]),
+        _family("QwenImage", tiny_qwen_image, TINY_QWEN_IMAGE, context=TINY_QWEN_IMAGE["joint_attention_dim"],
+                pooled=None),
+        _family("SD3", tiny_sd3, TINY_SD3_2, context=TINY_SD3_2["context_embedder_config"]["params"]["in_features"],
+                pooled=TINY_SD3_2["adm_in_channels"]),
     )}
 
 

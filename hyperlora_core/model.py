@@ -263,8 +263,9 @@ def load_hyperlora(path: str | Path, device: torch.device | str | None = None,
     """Open and check a checkpoint folder. Reads headers only; the networks build on first prediction.
 
     device: where prediction and mixing run (default CPU). dtype: "auto"/None, "fp32", "fp16" or "bf16".
-    unet: the UNet the modules must fit (SDXL); None takes the widths the module list gives (a host then checks
-    them against its model). dim_head: the resampler's head width; by default what the
+    unet: the UNet a released-style module list must fit (SDXL); None takes the widths the list gives (a host then
+    checks them against its model). An extended list (any family) carries its own linears and sizes: ``unet`` does
+    not apply to it. dim_head: the resampler's head width; by default what the
     resampler file's metadata says, else the release's 64.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -85,16 +85,20 @@ def test_identity_to_lora_slider_and_hook(comfy, sd15):
     assert sorted(patches) == sorted(lin.key + ".weight" for lin in sd15.targets.linears)
 
 
-def test_refine_runs_on_the_sd15(comfy, sd15):
+@pytest.mark.parametrize("mode", ["rank_relaxed", "coefficients"])
+def test_refine_runs_on_the_sd15(comfy, sd15, mode):
     training = pack_module("nodes.training")
     clip = tiny.tiny_clip(seed=0)  # 64-wide context, as the tiny SD1.5 reads
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of fcsks fxhks fhyks"))
     images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    config = RefineConfig(mode="rank_relaxed", steps=2, lr=1e-3, rank=2, seed=0, batch=2, resolution=64)
+    config = RefineConfig(mode=mode, steps=2, lr=1e-3, rank=2, seed=0, batch=2, resolution=64)
     result, losses = training.refine(sd15.model, tiny.tiny_vae(seed=0, scale=1.0), positive, sd15.handle,
                                      sd15.identity, images, config)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert len([k for k in result.lora if k.endswith(".lora_down.weight")]) == 128
+    if mode == "coefficients":  # the refined identity is still one of this checkpoint's (2 tokens per linear)
+        assert result.identity.tokens.shape == sd15.identity.tokens.shape == (256, 8)
+        assert not torch.equal(result.identity.tokens, sd15.identity.tokens)
 
 
 @pytest.fixture(scope="module")

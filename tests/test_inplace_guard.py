@@ -10,7 +10,7 @@ from torch import nn
 from train_comfy.inplace import guard_inplace_streams
 
 
-class Block(nn.Module):
+class SingleStreamBlock(nn.Module):  # named like ComfyUI's Flux block: the guard looks for *StreamBlock
     def __init__(self, inplace: bool):
         super().__init__()
         self.norm, self.lin, self.inplace = nn.LayerNorm(8), nn.Linear(8, 8), inplace
@@ -24,7 +24,7 @@ class Block(nn.Module):
 
 def stack(inplace: bool) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), Block(inplace), Block(inplace))
+    return nn.Sequential(nn.Linear(4, 8), SingleStreamBlock(inplace), SingleStreamBlock(inplace))
 
 
 def grads(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -46,6 +46,12 @@ def test_with_the_guard_values_and_gradients_are_those_of_the_out_of_place_model
     ref_out, want = grads(stack(inplace=False))
     assert torch.equal(out, ref_out)
     assert all(torch.allclose(g, w, rtol=0, atol=1e-6) for g, w in zip(got, want, strict=True))
+
+
+def test_other_blocks_are_left_as_they_are():
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    assert guard_inplace_streams(model) == 0
+    assert not model[0]._forward_pre_hooks
 
 
 def test_without_gradients_nothing_is_copied():

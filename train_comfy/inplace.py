@@ -1,15 +1,20 @@
-"""Backpropagation through ComfyUI models that update their residual stream in place.
+"""Backpropagation through ComfyUI blocks that update their residual streams in place.
 
-ComfyUI's Flux blocks (and others written for inference) add to their residual stream in place
-(``txt += ...``, ``x += ...``) after a LayerNorm has read it; the LayerNorm keeps that tensor for its backward, so
-autograd refuses the backward ("modified by an inplace operation"). While gradients are recorded, each LayerNorm
-here reads a copy of its input instead: the in-place update then changes only the stream, and the values (and
-gradients) are those of the unmodified forward. Without gradients nothing is copied.
+ComfyUI's stream blocks (``DoubleStreamBlock`` / ``SingleStreamBlock`` of Flux, Chroma and HunyuanVideo) add to
+their streams in place (``txt += ...``, ``x += ...``) after one of their LayerNorms has read the stream; the
+LayerNorm keeps that tensor for its backward, so autograd refuses the backward ("modified by an inplace
+operation"). While gradients are recorded, each of those LayerNorms reads a copy of its input instead: the in-place
+update then changes only the stream, and the values and gradients are those of the out-of-place computation.
+Without gradients nothing is copied. Other blocks (UNets, MMDiT, Qwen-Image) update out of place and are left as
+they are, so their training costs nothing more; a block that updated in place elsewhere would fail loudly with
+autograd's own error, never silently.
 """
 
 from __future__ import annotations
 
 import torch
+
+STREAM_BLOCK_SUFFIX = "StreamBlock"  # class-name suffix of the blocks that update their streams in place
 
 
 def _copy_input(module: torch.nn.Module, args: tuple):
@@ -19,11 +24,14 @@ def _copy_input(module: torch.nn.Module, args: tuple):
 
 
 def guard_inplace_streams(diffusion_model: torch.nn.Module) -> int:
-    """Make every LayerNorm of ``diffusion_model`` read a copy of its input while gradients are recorded; returns
-    how many were guarded."""
+    """Make the LayerNorms of ``diffusion_model``'s stream blocks read a copy of their input while gradients are
+    recorded; returns how many were guarded."""
     count = 0
-    for module in diffusion_model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.register_forward_pre_hook(_copy_input)
-            count += 1
+    for block in diffusion_model.modules():
+        if not type(block).__name__.endswith(STREAM_BLOCK_SUFFIX):
+            continue
+        for module in block.children():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.register_forward_pre_hook(_copy_input)
+                count += 1
     return count

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import CheckpointFormatError, ModuleMismatchError
-from .topology import LINEARS, SDXL, AttnModule, UNetSpec, sdxl_modules
+from .topology import LINEARS, SDXL, AttnModule, UNetSpec, resolve, sdxl_modules
 
 #: Each target linear owns two tokens of the weight sequence: its down token, then its up token.
 TOKENS_PER_LINEAR = 2
@@ -126,13 +126,12 @@ def _check_unique(layers: TargetLayers, where: str) -> None:
         if lin.key in seen:
             raise CheckpointFormatError(f"module list: '{where}': linear {lin.key!r} is listed twice")
         seen.add(lin.key)
-    for module in layers.modules:
-        basis_names(module)  # refuses names that would collide in the basis file
 
 
 def basis_names(module: TargetModule) -> tuple[str, ...]:
     """Each linear's part of its basis keys: its key relative to the module (``to_q``, ``qkv``, ``ff_net_0_proj``),
-    the released ``to_out`` for ``to_out.0``; the linear's index where keys do not sit under the module's name."""
+    the released ``to_out`` for ``to_out.0``; the linears' indices where a key does not sit under the module's name
+    or two names would be the same."""
     prefix = MODEL_PREFIX + module.name + "."
     names = []
     for j, lin in enumerate(module.linears):
@@ -185,8 +184,6 @@ def sdxl_target_layers(spec: UNetSpec = SDXL) -> TargetLayers:
 def released_json(layers: TargetLayers, naming: str = "kohya_diffusers") -> dict[str, object] | None:
     """``layers`` as a released-style module list (names, hidden_size, cross_attention_dim) that the official
     loader reads, or None when they are not SDXL attention modules with SDXL's four linears each."""
-    from .topology import resolve
-
     if layers.family != RELEASED_FAMILY:
         return None
     table: dict[str, object] = {}

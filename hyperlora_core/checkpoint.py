@@ -184,25 +184,27 @@ def _check_module_entry(path: Path, name: str, info: object, module: AttnModule,
         )
 
 
-def _basis_shapes(targets: TargetLayers, k: int, rank: int, kind: str) -> Shapes:
+def _basis_shapes(targets: TargetLayers, keys: list[tuple[int, int, str]], k: int, rank: int) -> Shapes:
     linears = targets.linears
     return {key: (k, linears[i].in_features, rank) if side == 0 else (k, rank, linears[i].out_features)
-            for i, side, key in basis_keys(targets, kind)}
+            for i, side, key in keys}
 
 
 def read_basis_config(file: SafetensorsFile, targets: TargetLayers) -> BasisConfig:
     found = {key: info.shape for key, info in file.tensors.items()}
-    first = next(basis_keys(targets, "id"))[2]
+    id_keys = basis_keys(targets, "id")
+    first = id_keys[0][2]
     if first not in found or len(found[first]) != 3:
         raise MissingKeyError(
             f"LoRA basis: '{file.path}' lacks {first!r} (a [K, in, rank] tensor); it is not a HyperLoRA basis file."
         )
     k, _, id_rank = found[first]
-    expected = _basis_shapes(targets, k, id_rank, "id")
+    expected = _basis_shapes(targets, id_keys, k, id_rank)
     base_rank = None
     if any(".base_" in key for key in found):
-        base_rank = found.get(next(basis_keys(targets, "base"))[2], (0, 0, id_rank // 2))[2]
-        expected.update(_basis_shapes(targets, k, base_rank, "base"))
+        base_keys = basis_keys(targets, "base")
+        base_rank = found.get(base_keys[0][2], (0, 0, id_rank // 2))[2]
+        expected.update(_basis_shapes(targets, base_keys, k, base_rank))
     try:
         check_keys("LoRA basis", file.path, found, expected)
     except CheckpointFormatError as exc:

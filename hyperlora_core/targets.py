@@ -15,12 +15,11 @@ list. Other families carry the description itself in ``hyper_lora_modules.json``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 from .errors import CheckpointFormatError, ModuleMismatchError
-from .topology import LINEARS, SDXL, AttnModule, UNetSpec, comfy_key, sdxl_modules
+from .topology import LINEARS, SDXL, AttnModule, UNetSpec, resolve, sdxl_modules
 
 #: Each target linear owns two tokens of the weight sequence: its down token, then its up token.
 TOKENS_PER_LINEAR = 2
@@ -127,14 +126,12 @@ def _check_unique(layers: TargetLayers, where: str) -> None:
         if lin.key in seen:
             raise CheckpointFormatError(f"module list: '{where}': linear {lin.key!r} is listed twice")
         seen.add(lin.key)
-    for module in layers.modules:
-        basis_names(module)  # refuses names that would collide in the basis file
 
 
-@lru_cache(maxsize=4096)
 def basis_names(module: TargetModule) -> tuple[str, ...]:
     """Each linear's part of its basis keys: its key relative to the module (``to_q``, ``qkv``, ``ff_net_0_proj``),
-    the released ``to_out`` for ``to_out.0``; the linear's index where keys do not sit under the module's name."""
+    the released ``to_out`` for ``to_out.0``; the linears' indices where a key does not sit under the module's name
+    or two names would be the same."""
     prefix = MODEL_PREFIX + module.name + "."
     names = []
     for j, lin in enumerate(module.linears):
@@ -145,14 +142,14 @@ def basis_names(module: TargetModule) -> tuple[str, ...]:
     return tuple(names)
 
 
-def basis_keys(layers: TargetLayers, kind: str) -> Iterator[tuple[int, int, str]]:
+def basis_keys(layers: TargetLayers, kind: str) -> list[tuple[int, int, str]]:
     """(linear index, side 0 down / 1 up, basis key) of every basis tensor of ``kind`` ("id" or "base"), in order."""
-    index = 0
+    out: list[tuple[int, int, str]] = []
     for i, module in enumerate(layers.modules):
         for name in basis_names(module):
-            for side, side_name in enumerate(SIDES):
-                yield index, side, f"{i}.{name}.{kind}_{side_name}_basis"
-            index += 1
+            stem, index = f"{i}.{name}.{kind}_", len(out) // 2
+            out += ((index, 0, stem + "down_basis"), (index, 1, stem + "up_basis"))
+    return out
 
 
 def token_index(linear: int, side: int) -> int:
@@ -167,13 +164,10 @@ def kohya_prefix(linear: TargetLinear) -> str:
     return "lora_unet_" + key.replace(".", "_")
 
 
-@lru_cache(maxsize=1024)
 def _released_module(module: AttnModule, spec: UNetSpec) -> TargetModule:
-    linears = []
-    for short, _, _ in LINEARS:
-        fan_in, fan_out = module.linear_shape(short, spec)
-        linears.append(TargetLinear(comfy_key(module, short), fan_in, fan_out))
-    return TargetModule(module.sgm, tuple(linears))
+    prefix = MODEL_PREFIX + module.sgm + "."  # = topology.comfy_key, without its per-call table
+    return TargetModule(module.sgm, tuple(TargetLinear(prefix + suffix, *module.linear_shape(short, spec))
+                                          for short, suffix, _ in LINEARS))
 
 
 def released_target_layers(modules: Sequence[AttnModule], spec: UNetSpec) -> TargetLayers:
@@ -190,8 +184,6 @@ def sdxl_target_layers(spec: UNetSpec = SDXL) -> TargetLayers:
 def released_json(layers: TargetLayers, naming: str = "kohya_diffusers") -> dict[str, object] | None:
     """``layers`` as a released-style module list (names, hidden_size, cross_attention_dim) that the official
     loader reads, or None when they are not SDXL attention modules with SDXL's four linears each."""
-    from .topology import resolve
-
     if layers.family != RELEASED_FAMILY:
         return None
     table: dict[str, object] = {}

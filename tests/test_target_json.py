@@ -201,3 +201,31 @@ def test_other_sizes_name_the_first_layer_that_differs():
     assert f"{key[:-len('.weight')]} is [32, 48] in the MODEL, [32, 24] in the HyperLoRA" in text
     assert "1 of its 12 layers do not exist in the MODEL and 1 have other sizes" in text
     assert "other widths" in text
+
+
+def test_training_export_of_another_family(tmp_path):
+    """A hypernetwork for the Flux-like description exports the extended list; loaded back, its LoRAs equal the
+    trainer's in-graph factors (fp32). The toy's SDXL-named description still exports the released form."""
+    from hyperlora_core.train.config import TrainConfig
+    from hyperlora_core.train.export import export_checkpoint
+    from hyperlora_core.train.hypernet import HyperNetwork
+    from hyperlora_core.train.toy import ToyDenoiser
+
+    model = dict(k=8, id_rank=4, dim=32, depth=1, heads=2, dim_head=16, id_tokens=4, clip_dim=32, up_basis_std=0.05)
+    net = HyperNetwork(TrainConfig().replace(model=model).model, FLUX).eval()
+    folder = export_checkpoint(net, tmp_path / "flux", dtype=torch.float32)
+    raw = json.loads((folder / "hyper_lora_modules.json").read_text())
+    assert TargetLayers.from_json(raw, "export") == FLUX
+    hl = load_hyperlora(folder)
+    clip = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0))
+    arc = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with torch.no_grad():
+        graph = net(clip, arc, None)["id"]
+    lora = hl.identity_to_lora(hl.predict_identity(clip_tokens=clip, id_embeds=arc), key_format="comfy")
+    assert list(graph) == [lin.key for lin in FLUX.linears]
+    for key, (down, up) in graph.items():
+        delta = lora_delta(lora, key)
+        assert float((delta - up[0] @ down[0]).abs().max()) <= 1e-5 * float(delta.abs().max()), key
+    toy = export_checkpoint(HyperNetwork(TrainConfig().replace(model=model).model, ToyDenoiser().targets),
+                            tmp_path / "toy")
+    assert "__metadata__" not in json.loads((toy / "hyper_lora_modules.json").read_text())

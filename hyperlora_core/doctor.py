@@ -117,7 +117,7 @@ def check_checkpoint_files(folder: Path, unet: UNetSpec = SDXL) -> list[Check]:
 
 def _basis(path: Path, modules) -> object:
     file = SafetensorsFile(path, "LoRA basis")
-    return read_basis_config(file, modules[1]) if modules is not None else file
+    return read_basis_config(file, modules.layout) if modules is not None else file
 
 
 def _resampler(path: Path, what: str) -> ResamplerConfig:

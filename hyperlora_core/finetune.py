@@ -30,7 +30,7 @@ from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
 from .resampler import normalize_tokens
 from .safetensors_file import SafetensorsFile
-from .targets import basis_keys, token_index
+from .targets import basis_keys, basis_layout, token_index
 
 
 @dataclass
@@ -219,7 +219,7 @@ class CoefficientLoRA(_Factored, nn.Module):
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone())
         self.prefixes = list(prefixes)  # one per target linear, in token order
         self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
-        keys = [key for _, _, key in basis_keys(hyperlora.targets, "id")]  # per linear: down, then up
+        keys = [key for _, _, key in basis_keys(basis_layout(hyperlora.targets), "id")]  # per linear: down, then up
         mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
         downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):

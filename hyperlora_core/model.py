@@ -238,7 +238,7 @@ class HyperLoRA:
 
     def __repr__(self) -> str:
         c = self.checkpoint
-        return (f"HyperLoRA({c.folder.name}: {c.family}, {len(c.targets.modules)} modules, K={c.basis.k}, "
+        return (f"HyperLoRA({c.folder.name}: {c.family}, {len(c.names)} modules, K={c.basis.k}, "
                 f"rank={c.basis.id_rank}, "
                 f"encoders={'+'.join(self.encoders)}, base={self.has_base}, {self.dtype}, {self.device})")
 

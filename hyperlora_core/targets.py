@@ -142,13 +142,28 @@ def basis_names(module: TargetModule) -> tuple[str, ...]:
     return tuple(names)
 
 
-def basis_keys(layers: TargetLayers, kind: str) -> list[tuple[int, int, str]]:
+BasisLayout = list[tuple[int, str, int, int]]  # per target linear, token order: (module index, name, in, out)
+
+
+def basis_layout(layers: TargetLayers) -> BasisLayout:
+    """What the basis file holds for ``layers``: per linear its module's index, its basis name, its sizes."""
+    return [(i, name, lin.in_features, lin.out_features) for i, module in enumerate(layers.modules)
+            for name, lin in zip(basis_names(module), module.linears, strict=True)]
+
+
+def released_basis_layout(modules: Sequence[AttnModule], spec: UNetSpec) -> BasisLayout:
+    """``basis_layout(released_target_layers(modules, spec))`` without building the description: the released
+    checkpoints' load path, where 560 linear objects would cost more than the whole check (tested equal)."""
+    return [(i, short, *module.linear_shape(short, spec)) for i, module in enumerate(modules)
+            for short, _, _ in LINEARS]
+
+
+def basis_keys(layout: BasisLayout, kind: str) -> list[tuple[int, int, str]]:
     """(linear index, side 0 down / 1 up, basis key) of every basis tensor of ``kind`` ("id" or "base"), in order."""
     out: list[tuple[int, int, str]] = []
-    for i, module in enumerate(layers.modules):
-        for name in basis_names(module):
-            stem, index = f"{i}.{name}.{kind}_", len(out) // 2
-            out += ((index, 0, stem + "down_basis"), (index, 1, stem + "up_basis"))
+    for index, (i, name, _, _) in enumerate(layout):
+        stem = f"{i}.{name}.{kind}_"
+        out += ((index, 0, stem + "down_basis"), (index, 1, stem + "up_basis"))
     return out
 
 

@@ -229,3 +229,16 @@ def test_training_export_of_another_family(tmp_path):
     toy = export_checkpoint(HyperNetwork(TrainConfig().replace(model=model).model, ToyDenoiser().targets),
                             tmp_path / "toy")
     assert "__metadata__" not in json.loads((toy / "hyper_lora_modules.json").read_text())
+
+
+@pytest.mark.parametrize("order", ["sgm", "diffusers"])
+def test_released_load_path_has_the_generic_basis_layout(tiny_factory, order):
+    """The released list's fast load path lays the basis out exactly as the generic rule does for its description."""
+    from hyperlora_core.targets import basis_layout, released_basis_layout
+    from hyperlora_core.topology import diffusers_order
+
+    modules = sdxl_modules() if order == "sgm" else diffusers_order()
+    assert released_basis_layout(modules, TINY_UNET) == basis_layout(released_target_layers(modules, TINY_UNET))
+    hl = load_hyperlora(tiny_factory(order=order), unet=TINY_UNET)
+    assert hl.checkpoint.listed.targets is None and hl.checkpoint.family == "SDXL"  # not built at load
+    assert hl.targets == released_target_layers(modules, TINY_UNET)

@@ -25,7 +25,7 @@ from ..basis import mix_bases
 from ..config import IdProjectorConfig, ResamplerConfig
 from ..lora_io import lora_pair
 from ..resampler import IdProjector, Resampler, normalize_tokens
-from ..targets import TargetLayers, basis_keys, token_index
+from ..targets import TargetLayers, basis_keys, basis_layout, token_index
 from .config import ModelConfig
 from .denoiser import Factors
 
@@ -54,7 +54,7 @@ class BasisStack(nn.Module):
         shapes: dict[str, tuple[int, int, int]] = {}
         rows: dict[str, int] = {}
         linears = targets.linears
-        for i, side, key in basis_keys(targets, kind):
+        for i, side, key in basis_keys(basis_layout(targets), kind):
             a, c = (linears[i].in_features, rank) if side == 0 else (rank, linears[i].out_features)
             name = f"{'down' if side == 0 else 'up'}_{a}x{c}"
             shapes[name] = (k, a, c)

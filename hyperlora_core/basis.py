@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .safetensors_file import SafetensorsFile
-from .targets import SIDES, TargetLayers, basis_keys, basis_layout, token_index
+from .targets import SIDES, TargetLayers, basis_keys, basis_layout
 
 Progress = Callable[[int, int], None]  # (done, total)
 MIN_ROW = 8  # a flat view with narrower rows would be slower than the staged path
@@ -107,8 +107,8 @@ class BasisBank:
         self.file = file
         self.kind = kind
         self.n_linears = len(targets.linears)
-        self.members = [Member(key, token_index(i, side), (i, SIDES[side]), file.shape(key))
-                        for i, side, key in basis_keys(basis_layout(targets), kind)]
+        self.members = [Member(key, token, (token // 2, SIDES[token % 2]), file.shape(key))
+                        for token, key in enumerate(basis_keys(basis_layout(targets), kind))]
         self.tokens = torch.tensor([m.token for m in self.members])
         self.flat = flat if flat is not None and flat.ok else None
         if self.flat is not None:

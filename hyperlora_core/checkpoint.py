@@ -223,14 +223,15 @@ def _check_module_entry(path: Path, name: str, info: object, module: AttnModule,
         )
 
 
-def _basis_shapes(layout: BasisLayout, keys: list[tuple[int, int, str]], k: int, rank: int) -> Shapes:
-    return {key: (k, layout[i][2], rank) if side == 0 else (k, rank, layout[i][3]) for i, side, key in keys}
+def _basis_shapes(layout: BasisLayout, keys: list[str], k: int, rank: int) -> Shapes:
+    """{basis key: shape}: [K, in, r] for a down basis, [K, r, out] for an up one (keys in token order)."""
+    return dict(zip(keys, [s for _, _, a, b in layout for s in ((k, a, rank), (k, rank, b))], strict=True))
 
 
 def read_basis_config(file: SafetensorsFile, layout: BasisLayout) -> BasisConfig:
     found = {key: info.shape for key, info in file.tensors.items()}
     id_keys = basis_keys(layout, "id")
-    first = id_keys[0][2]
+    first = id_keys[0]
     if first not in found or len(found[first]) != 3:
         raise MissingKeyError(
             f"LoRA basis: '{file.path}' lacks {first!r} (a [K, in, rank] tensor); it is not a HyperLoRA basis file."
@@ -240,7 +241,7 @@ def read_basis_config(file: SafetensorsFile, layout: BasisLayout) -> BasisConfig
     base_rank = None
     if any(".base_" in key for key in found):
         base_keys = basis_keys(layout, "base")
-        base_rank = found.get(base_keys[0][2], (0, 0, id_rank // 2))[2]
+        base_rank = found.get(base_keys[0], (0, 0, id_rank // 2))[2]
         expected.update(_basis_shapes(layout, base_keys, k, base_rank))
     try:
         check_keys("LoRA basis", file.path, found, expected)

@@ -219,7 +219,7 @@ class CoefficientLoRA(_Factored, nn.Module):
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone())
         self.prefixes = list(prefixes)  # one per target linear, in token order
         self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
-        keys = [key for _, _, key in basis_keys(basis_layout(hyperlora.targets), "id")]  # per linear: down, then up
+        keys = basis_keys(basis_layout(hyperlora.targets), "id")  # per linear: down, then up
         mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
         downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):

@@ -158,13 +158,10 @@ def released_basis_layout(modules: Sequence[AttnModule], spec: UNetSpec) -> Basi
             for short, _, _ in LINEARS]
 
 
-def basis_keys(layout: BasisLayout, kind: str) -> list[tuple[int, int, str]]:
-    """(linear index, side 0 down / 1 up, basis key) of every basis tensor of ``kind`` ("id" or "base"), in order."""
-    out: list[tuple[int, int, str]] = []
-    for index, (i, name, _, _) in enumerate(layout):
-        stem = f"{i}.{name}.{kind}_"
-        out += ((index, 0, stem + "down_basis"), (index, 1, stem + "up_basis"))
-    return out
+def basis_keys(layout: BasisLayout, kind: str) -> list[str]:
+    """The key of every basis tensor of ``kind`` ("id" or "base"), in token order: position ``t`` holds the basis
+    that token ``t`` mixes, i.e. side ``t % 2`` (0 down, 1 up) of linear ``t // 2``."""
+    return [f"{i}.{name}.{kind}_{side}_basis" for i, name, _, _ in layout for side in SIDES]
 
 
 def token_index(linear: int, side: int) -> int:

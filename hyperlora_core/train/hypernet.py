@@ -54,7 +54,8 @@ class BasisStack(nn.Module):
         shapes: dict[str, tuple[int, int, int]] = {}
         rows: dict[str, int] = {}
         linears = targets.linears
-        for i, side, key in basis_keys(basis_layout(targets), kind):
+        for token, key in enumerate(basis_keys(basis_layout(targets), kind)):
+            i, side = divmod(token, 2)
             a, c = (linears[i].in_features, rank) if side == 0 else (rank, linears[i].out_features)
             name = f"{'down' if side == 0 else 'up'}_{a}x{c}"
             shapes[name] = (k, a, c)

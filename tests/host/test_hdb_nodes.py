@@ -8,14 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_hdb
 from test_lidb import tiny_targets
 
 from hyperlora_core.clip import preprocess
 from hyperlora_core.crops import clip_crop
 from hyperlora_core.face import FaceAnalyzer
-from hyperlora_core.hdb.checkpoint import load_hdb, predict_lidb, save_hdb
-from hyperlora_core.hdb.config import HdbConfig
-from hyperlora_core.hdb.network import HyperDreamBooth
+from hyperlora_core.hdb.checkpoint import load_hdb, predict_lidb
 from hyperlora_core.lora_io import lora_delta, lora_prefixes
 
 from face_doubles import centred_box, paint_face, write_antelopev2
@@ -34,11 +33,7 @@ def hdb_setup(comfy, tmp_path, monkeypatch):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, folders.HDB, ([str(hdb_root)], {".safetensors"}))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, folders.INSIGHTFACE, ([str(face_root)], set()))
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    net = HyperDreamBooth(HdbConfig(encoder_width=32, encoder_layers=2, encoder_heads=4, patch_size=14,
-                                    image_size=28, dim=16, depth=1, heads=2, iterations=2), tiny_targets(), a=4, c=2)
-    with torch.no_grad():  # a fresh network's delta is zero (its prediction ignores the face): give it weights
-        torch.nn.init.normal_(net.delta[1].weight, std=0.5, generator=torch.Generator().manual_seed(3))
-    save_hdb(net, hdb_root / "tiny.safetensors", seed=5, dtype=torch.float32)
+    write_tiny_hdb(hdb_root / "tiny.safetensors", tiny_targets())
     return hdb_root, face_root / "models" / "antelopev2"
 
 

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # run as a script: the core's constants (download
 
 from hyperlora_core.doctor import COMMAND as DOCTOR_COMMAND  # noqa: E402
 from hyperlora_core.refine import RefineConfig  # noqa: E402
-from hyperlora_core.sources import SOURCES  # noqa: E402
+from hyperlora_core.sources import ANTELOPEV2, SOURCES  # noqa: E402
 
 REFINE = RefineConfig()  # the refine node's defaults
 
@@ -554,7 +554,8 @@ def hyperdreambooth() -> Workflow:
         "HyperDreamBooth: a hypernetwork predicts the person's LiDB (a + b numbers per layer) from one photo; its "
         "rank-1 LoRA is loaded at 1.0. No released HyperDreamBooth weights exist: train and export your own "
         "(README, HyperDreamBooth) into models/hyperdreambooth/my_hdb.safetensors.", "",
-        "- antelopev2 (face analysis): models/insightface/models/antelopev2/", SDXL, "",
+        "Models (download them, put them here, then press R to refresh the lists):",
+        f"- {ANTELOPEV2.line()}", SDXL, "",
         f"The prompt should contain the words the network was trained with (here {TRIGGER}). Save LiDB keeps the "
         "prediction in models/lidb/; HyperLoRA Refine's lidb input can fine-tune it further."]), (0, -340))
     hdb = w.add("LoadHyperDreamBooth", (0, 0), hdb="my_hdb.safetensors")

@@ -101,3 +101,29 @@ def test_no_face_and_bad_files_are_named(hdb_setup):
         with pytest.raises(ValueError, match=words) as refused:
             nodes.LoadHyperDreamBooth.execute(name)
         assert name in str(refused.value)
+
+
+def test_the_lora_patches_every_layer_of_the_tiny_sdxl(hdb_setup, comfy, tiny_sdxl, caplog):
+    """A network for the tiny SDXL's 560 linears: its LORA_MODEL loads fully in ComfyUI's LoRA path, as Load LoRA
+    Model (comfy_extras' LoraModelLoader) loads it, and changes the weights."""
+    import logging
+
+    from conftest import HOST_UNET
+
+    from hyperlora_core.targets import sdxl_target_layers
+
+    hdb_root, _ = hdb_setup
+    write_tiny_hdb(hdb_root / "tiny.safetensors", sdxl_target_layers(HOST_UNET))
+    _, lora, _ = run_nodes(photo(0))
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(tiny_sdxl, None, lora, 1.0, 0.0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(patched.patches) == 560 == len(lora_prefixes(lora))
+    target = "diffusion_model.output_blocks.2.1.transformer_blocks.7.attn2.to_k.weight"
+    before = tiny_sdxl.model.state_dict()[target].clone()
+    patched.patch_model()
+    try:
+        moved = float((patched.model.state_dict()[target] - before).abs().max())
+    finally:
+        patched.unpatch_model()
+    assert moved > 0

@@ -215,8 +215,9 @@ class HyperLoRA:
     @torch.inference_mode()
     def identity_to_lora(self, identity: Identity, kind: str = "id", key_format: str = "kohya",
                          dtype: torch.dtype = torch.float32, progress: Progress | None = None,
-                         ) -> dict[str, torch.Tensor]:
-        """Mix the bases with the identity's coefficients: a LoRA state dict of all 4 × n_modules linears."""
+                         release: bool = False) -> dict[str, torch.Tensor]:
+        """Mix the bases with the identity's coefficients: a LoRA state dict of all 4 × n_modules linears.
+        ``release``: the basis file's pages leave this process's memory as they are mixed (see BasisBank.mix)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         identity.check_compatible(self.fingerprint, self.module_names)
@@ -226,7 +227,7 @@ class HyperLoRA:
         if tokens.shape[1] != self.checkpoint.basis.k:
             raise ValueError(f"identity has K={tokens.shape[1]} coefficients per token, the basis K="
                              f"{self.checkpoint.basis.k}")
-        mixed = self.bank(kind).mix(tokens.to(self.device), progress)
+        mixed = self.bank(kind).mix(tokens.to(self.device), progress, release)
         return build_lora(mixed, self.checkpoint.modules, key_format, dtype)
 
     def __repr__(self) -> str:

@@ -40,9 +40,10 @@ def mixing_progress(done: int, total: int) -> None:
     comfy.utils.ProgressBar(total).update_absolute(done, total)
 
 
-def make_lora(handle, identity, kind: str = "id", key_format: str = "comfy") -> dict[str, torch.Tensor]:
+def make_lora(handle, identity, kind: str = "id", key_format: str = "comfy", release: bool = False,
+              ) -> dict[str, torch.Tensor]:
     return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle),
-                                        progress=mixing_progress)
+                                        progress=mixing_progress, release=release)
 
 
 def check_model(model, lora: dict[str, torch.Tensor]) -> None:

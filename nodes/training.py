@@ -21,7 +21,7 @@ from ..hyperlora_core.finetune import CoefficientLoRA, Parametrisation, RankRela
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, make_lora
-from .checkpointing import frozen_by_reference, gradient_checkpointing
+from .checkpointing import casts_by_reference, frozen_by_reference, gradient_checkpointing, heap_returned
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def _train(mp, param, positive, latents: torch.Tensor, config: RefineConfig, dty
 
     def body(model_wrap, extra_args, x):
         unet = model_wrap.inner_model.diffusion_model
-        with frozen_by_reference(unet), gradient_checkpointing(unet, checkpointing):
+        with (heap_returned(x.device), frozen_by_reference(unet), casts_by_reference(unet),
+              gradient_checkpointing(unet, checkpointing)):
             losses.extend(train(param, config,
                                 lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch, dtype),
                                 on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
@@ -181,8 +182,8 @@ def refine(model, vae, positive, handle, identity, images: torch.Tensor, config:
            precision: str = "auto", checkpointing: bool = True) -> tuple[RefineResult, list[float]]:
     """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched.
     The result, loaded at strength 1.0, gives exactly the weights the last step trained with."""
-    predicted = make_lora(handle, identity, "id", key_format="comfy")
-    handle.core.release_bases()  # coefficients mode maps the bases it trains with itself
+    predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages leave
+    handle.core.release_bases()  # as they are mixed; coefficients mode maps the bases it trains with itself
     check_model(model, predicted)
     device = mm.get_torch_device()
     dtype = training_dtype(precision, device)

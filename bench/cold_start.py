@@ -3,7 +3,7 @@
     python bench/cold_start.py --comfyui /path/to/ComfyUI [--dir /tmp/hyperlora_full] [--rounds 3] [--threads 2]
 
 Each run is a fresh interpreter that imports ComfyUI (CPU mode) and this package, then goes through the nodes'
-own code: Load HyperLoRA, HyperLoRA Identity from Image on one photo, HyperLoRA Identity to LoRA; then a second
+own code: Load HyperLoRA, HyperLoRA Face on one photo, HyperLoRA Identity to LoRA; then a second
 photo and its LoRA (on a CPU-only machine the networks were freed after the first identity: this is what loading
 them again costs). Before a "cold" run the checkpoint's and CLIP's pages are evicted from the page cache
 (posix_fadvise(DONTNEED)); before a "warm" run they are read once. "keep" is a warm run with keep_networks on.

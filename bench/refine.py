@@ -158,7 +158,7 @@ class Timeline:
     def sample(self) -> None:
         anon, file = rss_now()
         phase = self.phase
-        if phase not in self.peaks:
+        if phase not in self.order:
             self.order.append(phase)
         if anon + file > self.peaks.get(phase, {}).get("rss", -1):
             self.peaks[phase] = {"rss": anon + file, "anon": anon, "file": file, "heap_free": heap_free()}

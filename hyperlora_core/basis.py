@@ -103,6 +103,8 @@ class FlatRows:
 
     def to(self, device: torch.device) -> None:
         self.rows = self.rows.to(device)
+        if self.rows.device.type != "cpu":
+            self.mapping = None  # copied: the file's mapping is not needed any more
 
 
 class BasisBank:
@@ -175,7 +177,7 @@ class BasisBank:
             with torch.inference_mode(inference), torch.no_grad():
                 out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, mode="sum",
                                                   per_sample_weights=weights[start:stop])
-            if release:
+            if release and flat.mapping is not None:
                 release_pages(flat.rows[int(index[start:stop].min()): int(index[start:stop].max()) + 1],
                               flat.mapping)
             return stop - start

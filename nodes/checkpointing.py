@@ -132,21 +132,25 @@ class _CastsByReference:
         self.current = None
 
     def _is_cast(self, t: torch.Tensor) -> bool:
+        """``t`` is a view (the cast itself, or e.g. its transpose that a matmul keeps) of a weight-sized buffer
+        that is not the weight, and needs no gradient."""
         m = self.current
         if m is None or t.requires_grad or getattr(m, "weight_function", None):
             return False
-        w = m.weight
-        return t.shape == w.shape and t.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
+        w, storage = m.weight, t.untyped_storage()
+        return (t.numel() == w.numel() and w.is_contiguous() and storage.nbytes() == w.numel() * t.element_size()
+                and storage.data_ptr() != w.untyped_storage().data_ptr())
 
     def pack(self, t: torch.Tensor):
         if self._is_cast(t):
-            return _Cast((self.current, t.device, t.dtype))
+            return _Cast((self.current, t.device, t.dtype, t.size(), t.stride(), t.storage_offset()))
         return self.outer[0](t) if self.outer else t
 
     def unpack(self, packed):
         if isinstance(packed, _Cast):
-            m, device, dtype = packed
-            return m.weight.to(device=device, dtype=dtype)
+            m, device, dtype, size, stride, offset = packed
+            cast = m.weight.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+            return cast.as_strided(size, stride, offset)
         return self.outer[1](packed) if self.outer else packed
 
 

@@ -8,6 +8,7 @@ parameters are references and cost nothing. A saved tensor shaped like one of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -153,6 +154,26 @@ def test_no_weight_is_copied_for_backward(comfy, inference_setup, mode):
         assert off.references > 0  # to the layer, which these hooks do not see)
     assert on.weight_copies < 0.1 * targets
     _assert_untouched(comfy, s)
+
+
+def test_casts_kept_by_reference_train_exactly_as_kept_casts(comfy, inference_setup, monkeypatch):
+    """Casting the frozen weights again in the backward pass gives bit for bit the gradients of keeping the casts:
+    the same losses and the same LoRA after a few steps (fp16 weights computing in bf16: every layer casts)."""
+    s = inference_setup
+    config = RefineConfig(mode="rank_relaxed", steps=3, seed=2, resolution=64, augment=False, lr=1e-2)
+
+    def run():
+        result, losses = s.training.refine(s.model, s.vae, s.positive, s.handle, s.identity, s.images, config,
+                                           precision=s.precision, checkpointing=False)
+        return result.lora, losses
+
+    by_reference = run()
+    monkeypatch.setattr(s.training, "casts_by_reference", lambda unet: contextlib.nullcontext())
+    kept = run()
+    differ = [k for k in kept[0] if not torch.equal(kept[0][k], by_reference[0][k])]
+    show(f"\n{s.precision}: losses {by_reference[1]} by reference, {kept[1]} kept; {len(differ)} LoRA tensors differ")
+    assert by_reference[1] == kept[1] and not differ
+    assert by_reference[1][0] != by_reference[1][-1]  # it trained
 
 
 @pytest.mark.parametrize("mode", ["rank_relaxed", "coefficients"])

@@ -97,3 +97,11 @@ class InputValueError(HyperLoRAError, ValueError):
 
 class DependencyMissing(HyperLoRAError, RuntimeError):
     """An optional package a feature needs is not installed; the message names the pip command."""
+
+
+class LidbFormatError(HyperLoRAError, ValueError):
+    """A LiDB file is damaged or not a LiDB file."""
+
+
+class LidbMismatchError(HyperLoRAError, ValueError):
+    """LiDB weights do not fit the model, sizes or aux matrices they are used with."""

@@ -11,6 +11,8 @@ applied at, folded into ``up``; the result is saved as exactly those factors (al
   stays in the method's space and is still a small identity.
 * :class:`RankRelaxed` (mode ``rank_relaxed``) keeps the predicted LoRA frozen and trains a zero-initialised
   :class:`ResidualLoRA` of rank r on the same linears; :func:`concat_by_rank` folds both into one LoRA.
+* :class:`LidbOnBase` (mode ``lidb``) trains LiDB vectors (``a + b`` numbers per linear, see :mod:`.lidb`), from
+  zero or on top of a frozen base LoRA (the prediction); the result is both, concatenated by rank, and the LiDB.
 
 Letters: ``k`` basis size, ``a``/``b`` the two sides of a basis matrix, ``r`` rank.
 """
@@ -26,7 +28,9 @@ from torch import nn
 
 from .arithmetic import combine_by_rank
 from .basis import token_index
+from .errors import LidbMismatchError
 from .identity import Identity
+from .lidb import LiDB, LidbAux, LidbLoRA
 from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
 from .pages import release_pages
@@ -41,6 +45,7 @@ class RefineResult:
 
     lora: dict[str, torch.Tensor]  # the refined LoRA, in the prediction's key format
     identity: Identity | None  # the refined identity (coefficients), None where the result is a LoRA only
+    lidb: LiDB | None = None  # the trained LiDB vectors (mode lidb), without the frozen base
 
 
 class Parametrisation(Protocol):
@@ -273,3 +278,45 @@ class CoefficientLoRA(_Factored, nn.Module):
     def result(self) -> RefineResult:
         """The refined identity, and its LoRA at the training strength exactly as training computed it."""
         return RefineResult(self.lora(), self.to_identity())
+
+
+class LidbOnBase(_Factored, nn.Module):
+    """Trainable LiDB vectors on every linear of ``aux.targets``, alone or on top of a frozen ``base`` LoRA on the
+    same linears whose scale is already folded in (alpha = rank, e.g. :func:`combine_by_rank`'s output)."""
+
+    def __init__(self, aux: LidbAux, base: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
+                 start: LiDB | None = None, meta: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.trainable = LidbLoRA(aux, init_seed=seed, start=start)
+        self.prefixes = [linear.key for linear in aux.targets.linears]
+        self.base, self.meta = base, dict(meta or {})
+        self._ups: list[torch.Tensor] = []
+        self._downs: list[torch.Tensor] = []
+        if base is not None:
+            if set(lora_prefixes(base)) != set(self.prefixes):
+                raise LidbMismatchError("the LiDB and the LoRA it is trained on top of adapt different layers; "
+                                        "use a LiDB made for this HyperLoRA's model")
+            self._ups = [base[p + ".lora_up.weight"].detach().float().clone() for p in self.prefixes]
+            self._downs = [base[p + ".lora_down.weight"].detach().float().clone() for p in self.prefixes]
+
+    def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = self.trainable.factors(index)
+        if not self._ups:
+            return up, down
+        return torch.cat([self._ups[index], up], dim=1), torch.cat([self._downs[index], down], dim=0)
+
+    def device_bytes(self) -> int:
+        return self.trainable.device_bytes() + sum(t.numel() * t.element_size() for t in [*self._ups, *self._downs])
+
+    def place(self, device: torch.device | str) -> None:
+        self._ups = [t.to(device) for t in self._ups]
+        self._downs = [t.to(device) for t in self._downs]
+        self.trainable.place(device)
+
+    def after_step(self) -> None:
+        pass
+
+    def result(self) -> RefineResult:
+        """The LoRA training saw (the frozen base, if any, and the LiDB's factors concatenated by rank; alpha = rank),
+        and the LiDB alone."""
+        return RefineResult(self.lora(), None, self.trainable.to_lidb(self.meta))

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from .errors import HyperLoRAError
 from .finetune import Parametrisation
+from .lidb import LIDB_A, LIDB_B
 from .lora_io import ID_STRENGTH
 
-MODES = ("coefficients", "rank_relaxed")
+MODES = ("coefficients", "rank_relaxed", "lidb")
 # each mode's own AdamW learning rate (lr = 0 picks it): unit-norm coefficient tokens need larger steps than the
-# zero-initialised residual LoRA to move as far in 50 steps
-MODE_LR = {"coefficients": 1e-2, "rank_relaxed": 1e-3}
+# zero-initialised residual LoRA to move as far in 50 steps; a LiDB's up side has only b numbers per linear
+MODE_LR = {"coefficients": 1e-2, "rank_relaxed": 1e-3, "lidb": 5e-3}
 MIN_SIDE = 64  # pixels: below this a reference photo holds too little of a face to learn from
 BATCH = 1  # latents per step by default, everywhere (node, workflow, benches)
 
@@ -37,7 +38,7 @@ class TrainingDivergedError(HyperLoRAError, RuntimeError):
 class RefineConfig:
     """One refinement run; the same config and seed give the same result on the same device."""
 
-    mode: str = "rank_relaxed"  # "coefficients" (train the identity's tokens) or "rank_relaxed" (residual LoRA)
+    mode: str = "rank_relaxed"  # "coefficients" (the identity's tokens), "rank_relaxed" (residual LoRA), "lidb"
     steps: int = 50  # optimiser steps
     lr: float = 0.0  # AdamW learning rate; 0: the mode's own (MODE_LR)
     rank: int = 4  # rank of the residual LoRA (rank_relaxed)
@@ -47,6 +48,8 @@ class RefineConfig:
     augment: bool = True  # add a horizontal flip and two small seeded crops of each reference
     weight_decay: float = 0.0  # AdamW weight decay (the residual starts at zero; decay would pull it back)
     id_strength: float = ID_STRENGTH  # the weight the identity is applied at; the prediction is trained in at it
+    lidb_a: int = LIDB_A  # LiDB's down-side size a (mode lidb): A_train is 1 × a
+    lidb_b: int = LIDB_B  # LiDB's up-side size b (mode lidb): B_train is b × 1
 
     @property
     def learning_rate(self) -> float:
@@ -56,7 +59,8 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RefineInputError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name, low in (("steps", 1), ("rank", 1), ("batch", 1), ("resolution", MIN_SIDE)):
+        for name, low in (("steps", 1), ("rank", 1), ("batch", 1), ("resolution", MIN_SIDE), ("lidb_a", 1),
+                          ("lidb_b", 1)):
             if int(getattr(self, name)) < low:
                 raise RefineInputError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr >= 0):

@@ -27,6 +27,7 @@ class HyperLoRAExtension(ComfyExtension):
         from .apply import ApplyHyperLoRA, HyperLoRAToLoRA
         from .hook import HyperLoRAHook
         from .identity import HyperLoRAFromImage
+        from .lidb import LoadLiDB, SaveLiDB
         from .loader import LoadHyperLoRA
         from .refine import HyperLoRARefine
         from .slider import ConceptSlider
@@ -36,4 +37,4 @@ class HyperLoRAExtension(ComfyExtension):
         report_missing()
         register()
         return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
-                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine]
+                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine, SaveLiDB, LoadLiDB]

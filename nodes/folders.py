@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 HYPER_LORA = "hyper_lora"
 INSIGHTFACE = "insightface"
 IDENTITIES = "hyper_lora_identities"
+LIDB = "lidb"  # models/lidb: LiDB files (Save LiDB / Load LiDB)
 MODULES_JSON = "hyper_lora_modules.json"
 DETECTOR = "scrfd_10g_bnkps.onnx"
 CLIP_NAMES = ("clip_vit_large_14", "clip_vit", "clip")
@@ -26,10 +27,10 @@ def register() -> None:
     """Add our folders under ComfyUI's models dir, keeping any path extra_model_paths.yaml already gave."""
     base = Path(folder_paths.models_dir)
     for name, path in ((HYPER_LORA, base / "hyper_lora"), (INSIGHTFACE, base / "insightface"),
-                       (IDENTITIES, base / "hyper_lora" / "identities")):
+                       (IDENTITIES, base / "hyper_lora" / "identities"), (LIDB, base / "lidb")):
         folder_paths.add_model_folder_path(name, str(path), is_default=False)
         folder_paths.folder_names_and_paths[name] = (folder_paths.folder_names_and_paths[name][0], {".safetensors"}
-                                                     if name == IDENTITIES else set())
+                                                     if name in (IDENTITIES, LIDB) else set())
 
 
 def _roots(kind: str) -> list[Path]:
@@ -160,17 +161,35 @@ def identities() -> list[str]:
     return folder_paths.get_filename_list(IDENTITIES)
 
 
+def lidbs() -> list[str]:
+    return folder_paths.get_filename_list(LIDB)
+
+
+def check_lidb(name: str) -> bool | str:
+    return check_choice("lidb", name, lidbs(), "Load LiDB",
+                        "save one with Save LiDB (HyperLoRA Refine in mode lidb makes one; it writes to models/lidb).")
+
+
 def identity_path(name: str) -> Path:
     """The identity file ``name``; refused when two identity folders hold different files of that name."""
-    path = folder_paths.get_full_path(IDENTITIES, name)
+    return _unique_file(IDENTITIES, name, "identity", "models/hyper_lora/identities", "two identity folders")
+
+
+def lidb_path(name: str) -> Path:
+    """The LiDB file ``name``; refused when two lidb folders hold different files of that name."""
+    return _unique_file(LIDB, name, "LiDB", "models/lidb", "two lidb folders")
+
+
+def _unique_file(kind: str, name: str, what: str, where: str, folders: str) -> Path:
+    path = folder_paths.get_full_path(kind, name)
     if path is None:
-        raise CheckpointFileMissing(f"identity '{name}' is not in models/hyper_lora/identities; save it there first.")
+        raise CheckpointFileMissing(f"{what} '{name}' is not in {where}; save it there first.")
     path, name = Path(path), os.path.relpath(os.path.join("/", name), "/")  # as ComfyUI confines it
-    for root in _roots(IDENTITIES):
+    for root in _roots(kind):
         other = root / name
         if other.is_file() and not other.samefile(path) and other.read_bytes() != path.read_bytes():
             raise InputValueError(
-                f"identity '{name}' names two different files: '{path}' and '{other}' (two identity folders, "
+                f"{what} '{name}' names two different files: '{path}' and '{other}' ({folders}, "
                 "see extra_model_paths.yaml). Which person was meant is unclear: rename or delete one of them and "
                 "refresh the page (press R).")
     return path

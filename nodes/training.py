@@ -17,7 +17,9 @@ import comfy.samplers
 import comfy.utils
 import torch
 
-from ..hyperlora_core.finetune import CoefficientLoRA, Parametrisation, RankRelaxed, RefineResult
+from ..hyperlora_core.arithmetic import combine_by_rank
+from ..hyperlora_core.finetune import CoefficientLoRA, LidbOnBase, Parametrisation, RankRelaxed, RefineResult
+from ..hyperlora_core.lidb import LIDB_SEED, LiDB, LidbAux, check_fits, targets_from_shapes
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, make_lora
@@ -142,10 +144,61 @@ def compute_dtype(mp) -> torch.dtype:
     return getattr(mp.model, "manual_cast_dtype", None) or mp.model.get_dtype()
 
 
-def _parametrisation(handle, identity, predicted, config: RefineConfig) -> Parametrisation:
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{key without .weight: shape}`` of every 2-D weight of the MODEL (its linears)."""
+    return {k[:-len(".weight")]: tuple(v.shape) for k, v in model.model_state_dict().items()
+            if k.endswith(".weight") and v.ndim == 2}
+
+
+def attention_targets(model) -> dict[str, tuple[int, int]]:
+    """The MODEL's attention linears (``attn1``/``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``), state-dict
+    order: what a LiDB trained from zero adapts."""
+    ends = tuple(f".{attn}.{lin}" for attn in ("attn1", "attn2") for lin in ("to_q", "to_k", "to_v", "to_out.0"))
+    found = {k: v for k, v in weight_shapes(model).items() if k.endswith(ends)}
+    if not found:
+        raise RefineInputError("this MODEL has no attention linears (attn1/attn2 to_q, to_k, to_v, to_out.0) to "
+                               "train a LiDB on: use a UNet model such as SDXL")
+    return found
+
+
+def _lidb(model, predicted, start: LiDB | None, config: RefineConfig, base) -> LidbOnBase:
+    """Mode lidb: on the starting LiDB's linears, else the prediction's, else the MODEL's attention linears."""
+    if start is not None:
+        if (start.a, start.b) != (config.lidb_a, config.lidb_b):
+            raise RefineInputError(f"the connected LiDB has a={start.a}, b={start.b}; set lidb_a and lidb_b to "
+                                   "them to continue training it")
+        targets, seed = start.targets, start.seed
+    else:
+        shapes = ({p: (predicted[p + ".lora_up.weight"].shape[0], predicted[p + ".lora_down.weight"].shape[1])
+                   for p in lora_prefixes(predicted)} if predicted is not None else attention_targets(model))
+        targets, seed = targets_from_shapes(type(model.model.model_config).__name__, shapes), LIDB_SEED
+    meta = ({"trained_on": "the HyperLoRA prediction", "id_strength": str(config.id_strength)}
+            if predicted is not None else {"trained_on": "the base model"})
+    pbar = comfy.utils.ProgressBar(len(targets.linears))  # the aux matrices: seconds for SDXL's 560 linears
+    aux = LidbAux(targets, seed=seed, a=config.lidb_a, b=config.lidb_b,
+                  progress=lambda done, total: pbar.update_absolute(done, total))
+    return LidbOnBase(aux, base, seed=config.seed, start=start, meta=meta)
+
+
+def _parametrisation(handle, identity, predicted, config: RefineConfig, model=None,
+                     start: LiDB | None = None) -> Parametrisation:
+    """The mode's trainable form; the frozen base is the prediction at id_strength and/or (rank_relaxed) the
+    starting LiDB at 1.0."""
     if config.mode == "coefficients":
+        if identity is None or start is not None:
+            raise RefineInputError("mode coefficients trains the identity's own coefficients: connect hyper_lora "
+                                   "and identity, and no lidb (use rank_relaxed or lidb to build on a LiDB)")
         return CoefficientLoRA(handle.core, identity, lora_prefixes(predicted), strength=config.id_strength)
-    return RankRelaxed(predicted, config.rank, seed=config.seed, strength=config.id_strength)
+    prediction = [(predicted, config.id_strength)] if predicted is not None else []
+    if config.mode == "lidb":
+        return _lidb(model, predicted, start, config, combine_by_rank(prediction) if prediction else None)
+    if start is None and predicted is not None:
+        return RankRelaxed(predicted, config.rank, seed=config.seed, strength=config.id_strength)
+    terms = prediction + ([(start.lora(), 1.0)] if start is not None else [])
+    if not terms:
+        raise RefineInputError("mode rank_relaxed refines a starting LoRA: connect hyper_lora and identity, or a "
+                               "lidb (mode lidb can start from zero)")
+    return RankRelaxed(combine_by_rank(terms), config.rank, seed=config.seed, strength=1.0)
 
 
 def memory_required(mp, param: Parametrisation, latents: torch.Tensor, config: RefineConfig) -> float:
@@ -178,20 +231,34 @@ def _train(mp, param, positive, latents: torch.Tensor, config: RefineConfig, dty
     return losses
 
 
+def _start(model, handle, identity, start: LiDB | None):
+    """The prediction's LoRA (None without an identity), checked, with the starting LiDB, against the MODEL."""
+    predicted = None
+    if identity is not None:
+        if handle is None:
+            raise RefineInputError("identity is connected but hyper_lora is not: connect the HyperLoRA that made it")
+        predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages
+        handle.core.release_bases()  # leave as they are mixed; coefficients mode maps the bases it trains with
+        check_model(model, predicted)
+    if start is not None:
+        check_fits(start.targets, weight_shapes(model))
+    return predicted
+
+
 def refine(model, vae, positive, handle, identity, images: torch.Tensor, config: RefineConfig, *,
-           precision: str = "auto", checkpointing: bool = True) -> tuple[RefineResult, list[float]]:
-    """Fine-tune the identity's LoRA on the references (see HyperLoRARefine); the incoming MODEL is never patched.
-    The result, loaded at strength 1.0, gives exactly the weights the last step trained with."""
-    predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages leave
-    handle.core.release_bases()  # as they are mixed; coefficients mode maps the bases it trains with itself
-    check_model(model, predicted)
+           precision: str = "auto", checkpointing: bool = True, start: LiDB | None = None,
+           ) -> tuple[RefineResult, list[float]]:
+    """Fine-tune on the references (see HyperLoRARefine) from the identity's prediction and/or the LiDB ``start``
+    (or, in mode lidb, from zero); the incoming MODEL is never patched. The result, loaded at strength 1.0, gives
+    exactly the weights the last step trained with."""
+    predicted = _start(model, handle, identity, start)
     device = mm.get_torch_device()
     dtype = training_dtype(precision, device)
     mp = None
     with torch.inference_mode(False), torch.enable_grad():
         try:
             latents = encode(vae, images, config)
-            param = _parametrisation(handle, identity, predicted, config)
+            param = _parametrisation(handle, identity, predicted, config, model, start)
             mp = wrapped_clone(model, param)
             if dtype is not None:
                 mp.set_model_compute_dtype(dtype)

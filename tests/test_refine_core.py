@@ -35,6 +35,8 @@ BAD_CONFIGS = [
     (dict(lr=-1e-3), "lr must be a positive number"),
     (dict(lr=float("nan")), "lr must be a positive number"),
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(mode="lidb", lidb_a=0), "lidb_a must be at least 1"),
+    (dict(mode="lidb", lidb_b=0), "lidb_b must be at least 1"),
 ]
 
 

@@ -12,7 +12,12 @@ from hyperlora_core.train.config import OptimConfig, StageConfig, TrainConfigErr
 BAD = [  # (toml text, words the message must contain)
     ("[model]\nrank = 8\n", ["unknown key", "'rank'", "[model]"]),
     ("[modle]\nk = 8\n", ["unknown section", "modle"]),
-    ("[stage]\nstage = 4\n", ["stage.stage", "1, 2 or 3"]),
+    ("[stage]\nstage = 4\n", ["stage.stage", "1, 2, 3 or \"hdb\""]),
+    ("[hdb]\niterations = 0\n", ["hdb.iterations", "positive"]),
+    ("[hdb]\nweight_loss = 0.0\ndenoise_loss = 0.0\n", ["weight_loss", "nothing would train"]),
+    ("[hdb]\niterate_decay = 1.5\n", ["hdb.iterate_decay"]),
+    ("[hdb]\nlayers = 2\n", ["unknown key", "'layers'", "[hdb]"]),
+    ("[lidb]\na = 0\n", ["lidb.a", "positive"]),
     ("[stage]\ncase_mix = [0.5, 0.5, 0.5]\n", ["case_mix", "summing to 1"]),
     ("[stage]\ntrigger_position = 'middle'\n", ["trigger_position"]),
     ("[optim]\nlr = -1.0\n", ["optim.lr", "positive"]),
@@ -79,3 +84,12 @@ def test_the_training_package_imports_no_host():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, check=True).stdout.split()
     assert int(out[0]) >= 10 and out[1] == "[]"
+
+
+def test_the_shipped_hyperdreambooth_config_loads():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "docs" / "training" / "hdb.toml")
+    assert config.stage.stage == "hdb" and config.hdb.supervision == "runs/lidb" and config.hdb.encoder
+    assert (config.lidb.a, config.lidb.b) == (100, 50) and config.data.backend == "comfy"
+    assert type(config).from_dict(config.to_dict()) == config

@@ -94,3 +94,18 @@ def test_yaw_estimate(nose_x, sign):
     kps = np.array([[-1, 0], [1, 0], [nose_x, 0.5], [-0.6, 1], [0.6, 1]], np.float32)
     yaw = estimate_yaw(kps)
     assert np.sign(round(yaw, 6)) == sign and abs(yaw) <= 30.0 + 1e-4
+
+
+def test_identity_labels_of_every_sample(tmp_path):
+    """ShardDataset.labels reads each sample's .cls (LiDB pre-optimisation groups images by it); "" without one."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+        for n, label in enumerate([b"alice", b"bob", None, b"alice"]):
+            for suffix, data in (("txt", b"a caption"), ("cls", label)):
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(f"000000_{n:06d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert ShardDataset(out).labels() == ["alice", "bob", "", "alice"]

@@ -160,19 +160,21 @@ def _square(image, side: int) -> torch.Tensor:
 
 
 def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | str):
-    """Prepared shard samples -> Batch: VAE latents of the photo, CLIP tokens of both crops, the stored ArcFace."""
-    from hyperlora_core.clip import encode_crops
+    """Prepared shard samples -> Batch: VAE latents of the photo, CLIP tokens of both crops, the stored ArcFace, and
+    the ID crop's CLIP pixels (the HyperDreamBooth face encoder's input)."""
+    from hyperlora_core.clip import encode_crops, preprocess
     from hyperlora_core.train.shards import decode_sample
 
     def encode(samples: list[dict[str, bytes]]) -> Batch:
         decoded = [decode_sample(s) for s in samples]
+        face = preprocess([d["id_crop"] for d in decoded])  # CLIP's pixels of the ID crop (HyperDreamBooth's input)
         with torch.no_grad():
             latents = vae.encode(torch.stack([_square(d["image"], resolution) for d in decoded]))
-            clip = encode_crops(clip_encoder, [d["id_crop"] for d in decoded])
+            clip = clip_encoder.encode(face)
             base = encode_crops(clip_encoder, [d["base_crop"] for d in decoded])
         arcface = torch.from_numpy(np.stack([d["arcface"] for d in decoded]))
         return Batch(latents=latents.float(), captions=[d["caption"] for d in decoded], clip=clip.float(),
-                     arcface=arcface, base_clip=base.float()).to(torch.device(device))
+                     arcface=arcface, base_clip=base.float(), face=face).to(torch.device(device))
 
     return encode
 

@@ -1,4 +1,5 @@
-"""``python -m hyperlora_core.train run|export|prepare``: the same command on one device or under torchrun."""
+"""``python -m hyperlora_core.train run|export|prepare|lidb-preopt``: the same command on one device or under
+torchrun."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import HyperLoRAError
-from .config import TrainConfig, load_config
+from .config import HDB, TrainConfig, TrainConfigError, load_config
 
 log = logging.getLogger("hyperlora_core.train")
 
@@ -25,7 +26,7 @@ def build_backend(config: TrainConfig):
         from .toy import SyntheticIdentities, ToyDenoiser, pretrain
 
         identities = SyntheticIdentities(data.toy_identities, data.toy_images, clip_dim=config.model.clip_dim,
-                                         embed_dim=config.model.embed_dim)
+                                         embed_dim=config.model.embed_dim, face_side=config.hdb.image_size)
         return pretrain(ToyDenoiser(), identities, steps=data.toy_pretrain), identities
     import importlib
 
@@ -60,7 +61,9 @@ def _run(args: argparse.Namespace) -> int:
     _init_distributed()
     denoiser, data = build_backend(config)
     validate = None
-    if config.data.backend == "toy":
+    if config.stage.stage == HDB:
+        data, validate = _hdb_data(config, denoiser, data)
+    elif config.data.backend == "toy":
         from .validate import toy_validation
 
         validate = toy_validation(denoiser, data, config.stage)
@@ -84,12 +87,40 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hdb_data(config: TrainConfig, denoiser, data):
+    """(training data with the pre-optimised LiDB weights attached, the validation function) for stage "hdb"."""
+    from .hdb_stage import SupervisedData, Supervision, target_layers, toy_hdb_validation
+
+    if not config.hdb.supervision:
+        if config.hdb.weight_loss:
+            raise TrainConfigError("hdb.supervision is empty: run lidb-preopt first and give its --out folder")
+        return SupervisedData(data, None), None
+    supervision = Supervision(config.hdb.supervision, data.labels(), target_layers(denoiser), a=config.lidb.a,
+                              c=config.lidb.b, seed=config.lidb.seed)
+    validate = toy_hdb_validation(data, supervision) if config.data.backend == "toy" else None
+    if config.data.backend != "toy" and config.data.validation_shards:
+        from .hdb_stage import shard_hdb_validation
+        from .shards import ShardDataset
+
+        held = ShardDataset(config.data.validation_shards, encode=data.encode)
+        validate = shard_hdb_validation(denoiser, held.get(list(range(min(len(held),
+                                                                          config.data.validation_samples)))), config)
+    return SupervisedData(data, supervision), validate
+
+
 def _export(trainer, folder: Path) -> None:
     from .export import export_checkpoint
     from .hypernet import HyperNetwork
 
     weights = trainer.full_weights()
-    if trainer.rank == 0:
+    if trainer.rank == 0 and trainer.config.stage.stage == HDB:
+        from ..hdb.checkpoint import save_hdb
+
+        net = trainer.stage.build(trainer.config, trainer.denoiser, init=False)
+        net.load_state_dict(weights, strict=True)
+        save_hdb(net, folder, seed=trainer.config.lidb.seed)
+        sys.stdout.write(f"exported {folder}\n")
+    elif trainer.rank == 0:
         net = HyperNetwork(trainer.config.model, trainer.denoiser.targets, trainer.denoiser.unet)
         net.load_state_dict(weights, strict=True)
         export_checkpoint(net, folder, training={"step": trainer.step, "config": trainer.config.to_dict()})
@@ -112,14 +143,49 @@ def _export_cmd(args: argparse.Namespace) -> int:
     state = json.loads((step / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
     unet = state["unet"]
-    net = HyperNetwork(config.model, [resolve(n) for n in state["targets"]],
-                       UNetSpec(unet["name"], tuple(unet["level_widths"]), unet["context_dim"]))
+    modules = [resolve(n) for n in state["targets"]]
+    spec = UNetSpec(unet["name"], tuple(unet["level_widths"]), unet["context_dim"])
     weights = load_file(str(step / "weights.safetensors"))
     if not args.no_ema and (step / "ema.safetensors").exists():
         weights.update(load_file(str(step / "ema.safetensors")))
+    if config.stage.stage == HDB:  # one file, not the released folder
+        from types import SimpleNamespace
+
+        from ..hdb.checkpoint import save_hdb
+        from .stages import STAGES
+
+        net = STAGES[HDB].build(config, SimpleNamespace(targets=modules, unet=spec), init=False)
+        net.load_state_dict(weights, strict=True)
+        save_hdb(net, args.out, seed=config.lidb.seed)
+        sys.stdout.write(f"exported {args.out}\n")
+        return 0
+    net = HyperNetwork(config.model, modules, spec)
     net.load_state_dict(weights, strict=True)
     export_checkpoint(net, args.out, training={"step": state["step"], "config": state["config"]})
     sys.stdout.write(f"exported {args.out}\n")
+    return 0
+
+
+def _preopt(args: argparse.Namespace) -> int:
+    """LiDB pre-optimisation of every identity of the config's data set (this rank's share under torchrun)."""
+    from .preopt import run_preopt
+
+    config = load_config(args.config)
+    out = args.out or config.hdb.supervision
+    if not out:
+        raise TrainConfigError("give --out, or set hdb.supervision in the config: the folder for the LiDB files")
+    _init_distributed()
+    denoiser, data = build_backend(config)
+    if config.data.backend != "toy":  # ranks split identities, not shards: every rank indexes every shard
+        from .shards import ShardDataset
+
+        data = ShardDataset(config.data.shards, encode=data.encode)
+    device = getattr(denoiser, "device", None) or torch.device("cpu")
+    done = run_preopt(config, denoiser, data, out, device=device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sys.stdout.write(f"rank {rank}: pre-optimised {len(done)} identities into {out}: {' '.join(done)}\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 
@@ -132,11 +198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--resume", default="auto", help="'auto' (latest step_* in run.out), a step folder, or ''")
     run.add_argument("--until", type=int, default=None, help="stop after this step (a later run resumes)")
     run.add_argument("--steps", type=int, default=None, help="override optim.steps")
-    run.add_argument("--export", default="", help="after the last step, write the released format here")
-    exp = sub.add_parser("export", help="a training checkpoint -> the released checkpoint folder (fp16)")
+    run.add_argument("--export", default="", help="after the last step, write the released format here (stage 'hdb': "
+                     "a .safetensors file)")
+    exp = sub.add_parser("export", help="a training checkpoint -> the released checkpoint folder (fp16); for stage "
+                         "'hdb', one HyperDreamBooth .safetensors file")
     exp.add_argument("checkpoint", help="a step_<n> folder written by run")
     exp.add_argument("--out", required=True, help="checkpoint folder to write")
     exp.add_argument("--no-ema", action="store_true", help="export the raw weights even if there is an EMA")
+    pre = sub.add_parser("lidb-preopt", help="LiDB fine-tuning of every identity of the data set (the HyperDreamBooth "
+                         "supervision); distributed and resumable")
+    pre.add_argument("--config", required=True, help="a TOML file: [data] the data set, [lidb] sizes and steps, "
+                     "[stage] the trigger words")
+    pre.add_argument("--out", default="", help="folder of the LiDB files (default: hdb.supervision)")
     prep = sub.add_parser("prepare", help="a folder of portraits -> tar shards (faces analysed once, filtered)")
     from .prepare import add_arguments
 
@@ -148,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "export":
             return _export_cmd(args)
+        if args.command == "lidb-preopt":
+            return _preopt(args)
         from .prepare import run_prepare
 
         return run_prepare(args)

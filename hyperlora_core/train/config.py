@@ -1,8 +1,9 @@
 """Training configuration: one validated dataclass per component, read from one TOML file.
 
-A run file has the sections ``[model]``, ``[stage]``, ``[optim]``, ``[run]`` and ``[data]``; every field has a
-default, and an unknown section or key is an error that names it (never silently ignored). The whole
-config is stored in every training checkpoint, so a resumed run is the run that was started.
+A run file has the sections ``[model]``, ``[stage]``, ``[optim]``, ``[run]`` and ``[data]`` (and, for the
+HyperDreamBooth stage ``stage = "hdb"``, ``[hdb]`` and ``[lidb]``); every field has a default, and an unknown
+section or key is an error that names it (never silently ignored). The whole config is stored in every training
+checkpoint, so a resumed run is the run that was started.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
 
 from ..config import TRIGGER_WORDS
 from ..errors import HyperLoRAError
+from ..hdb.config import HdbConfig, HdbConfigError
+from ..lidb import LIDB_A, LIDB_B, LIDB_SEED
 
 PRECISIONS = ("fp32", "bf16")  # autocast choice for the frozen denoiser and the hypernetwork forward
 TRIGGER_POSITIONS = ("prefix", "suffix")
-STAGES = (1, 2, 3)
+HDB = "hdb"  # the HyperDreamBooth stage: the LiDB-predicting hypernetwork of [hdb], supervised by [lidb] weights
+STAGES = (1, 2, 3, HDB)
 BACKENDS = ("toy", "comfy")
 
 
@@ -81,7 +85,7 @@ class StageConfig:
     The paper gives no numbers; the default spends half the samples on learning the identity.
     """
 
-    stage: int = 1  # 1 Base-LoRA, 2 ID-LoRA from CLIP, 3 ID-LoRA from ArcFace (CLIP branch frozen)
+    stage: int | str = 1  # 1 Base-LoRA, 2 ID-LoRA from CLIP, 3 ID-LoRA from ArcFace (CLIP branch frozen), "hdb"
     init: str = ""  # training checkpoint (a step folder) whose weights start this stage; "" = fresh weights
     trigger_words: str = TRIGGER_WORDS  # words that switch the ID-LoRA on
     trigger_position: str = "prefix"  # where they go: "prefix" ("<words>, caption") or "suffix" ("caption, <words>")
@@ -89,7 +93,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
-            raise TrainConfigError(f"stage.stage must be 1, 2 or 3, got {self.stage!r}")
+            raise TrainConfigError(f"stage.stage must be 1, 2, 3 or \"{HDB}\", got {self.stage!r}")
         if self.trigger_position not in TRIGGER_POSITIONS:
             raise TrainConfigError(f"stage.trigger_position must be one of {TRIGGER_POSITIONS}, "
                                    f"got {self.trigger_position!r}")
@@ -188,7 +192,24 @@ class DataConfig:
                   toy_pretrain=self.toy_pretrain, validation_samples=self.validation_samples)
 
 
-SECTIONS = {"model": ModelConfig, "stage": StageConfig, "optim": OptimConfig, "run": RunConfig, "data": DataConfig}
+@dataclass(frozen=True)
+class LidbConfig:
+    """LiDB weights (hyperlora_core.lidb) and their pre-optimisation per identity (the hypernetwork's supervision)."""
+
+    a: int = LIDB_A  # A_train is 1 × a (a ≤ every target linear's in_features)
+    b: int = LIDB_B  # B_train is b × 1 (b ≤ every target linear's out_features)
+    seed: int = LIDB_SEED  # seed of the frozen aux matrices (stored in every LiDB file)
+    steps: int = 400  # lidb-preopt: optimiser steps per identity
+    lr: float = 5e-3  # lidb-preopt: Adam learning rate
+    batch: int = 4  # lidb-preopt: images per step (drawn from the identity's images)
+    init_seed: int = 0  # lidb-preopt: seed of A_train's random start (the same for every identity)
+
+    def __post_init__(self) -> None:
+        _positive("lidb", a=self.a, b=self.b, steps=self.steps, lr=self.lr, batch=self.batch)
+
+
+SECTIONS = {"model": ModelConfig, "stage": StageConfig, "optim": OptimConfig, "run": RunConfig, "data": DataConfig,
+            "hdb": HdbConfig, "lidb": LidbConfig}
 
 
 @dataclass(frozen=True)
@@ -200,6 +221,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    hdb: HdbConfig = field(default_factory=HdbConfig)  # used by stage "hdb" only
+    lidb: LidbConfig = field(default_factory=LidbConfig)  # used by stage "hdb" and lidb-preopt only
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: asdict(getattr(self, name)) for name in SECTIONS}
@@ -220,7 +243,7 @@ class TrainConfig:
                 raise TrainConfigError(f"{where}: unknown key(s) {extra} in [{name}]; known keys: {sorted(known)}")
             try:
                 parts[name] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-            except TypeError as exc:
+            except (TypeError, HdbConfigError) as exc:
                 raise TrainConfigError(f"{where}: [{name}]: {exc}") from exc
         return cls(**parts)
 

@@ -48,6 +48,9 @@ class Batch:
     arcface: torch.Tensor  # [b, e] normed ArcFace embeddings
     base_clip: torch.Tensor  # [b, n, dc] CLIP tokens of the face-blurred Base crop
     identity: torch.Tensor | None = None  # [b] integer identity labels (validation splits only)
+    face: torch.Tensor | None = None  # [b, 3, s, s] face pixels for a trainable face encoder (stage "hdb")
+    lidb_a: torch.Tensor | None = None  # [b, L, a] pre-optimised LiDB A_train of each sample's identity (stage "hdb")
+    lidb_b: torch.Tensor | None = None  # [b, L, c] pre-optimised LiDB B_train of each sample's identity (stage "hdb")
 
     def to(self, device: torch.device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -33,7 +33,7 @@ from ..errors import HyperLoRAError
 from .config import TrainConfig, TrainConfigError
 from .denoiser import Batch, Denoiser
 from .hypernet import HyperNetwork
-from .stages import STAGES, draw, stage_loss
+from .stages import STAGES, draw
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -71,7 +71,7 @@ class Trainer:
                                    else run.device)
         if hasattr(denoiser, "gradient_checkpointing"):
             denoiser.gradient_checkpointing = run.gradient_checkpointing
-        self.net = HyperNetwork(config.model, denoiser.targets, denoiser.unet).to(self.device)
+        self.net = self.stage.build(config, denoiser).to(self.device)
         if config.stage.init:
             self.net.load_state_dict(read_weights(Path(config.stage.init)), strict=True)
         trainable = {id(p) for g in self.stage.trains for p in self.net.groups()[g]}
@@ -128,7 +128,7 @@ class Trainer:
                          self.denoiser.num_timesteps, config.stage.case_mix)
             draws.noise, draws.t = draws.noise.to(self.device), draws.t.to(self.device)
             with self._sync(m == accum - 1), autocast:
-                loss, part = stage_loss(self.stage, config.stage, self.model, self.denoiser, batch, draws)
+                loss, part = self.stage.loss(config, self.model, self.denoiser, batch, draws)
                 (loss / accum).backward()
             for k, v in part.items():
                 stats[k] = stats.get(k, 0.0) + v / accum
@@ -189,7 +189,7 @@ class Trainer:
         weights = self.full_weights()
         if self.rank != 0:
             return {}
-        net = HyperNetwork(self.config.model, self.denoiser.targets, self.denoiser.unet).to(self.device)
+        net = self.stage.build(self.config, self.denoiser, init=False).to(self.device)
         net.load_state_dict(weights, strict=True)
         with torch.no_grad():
             values = {f"val/{k}": v for k, v in self.validate_fn(net.eval()).items()}
@@ -246,7 +246,7 @@ class Trainer:
         folder = Path(folder)
         state = json.loads((folder / STATE_FILE).read_text())
         saved = TrainConfig.from_dict(state["config"], where=str(folder / STATE_FILE))
-        for section in ("model", "stage"):
+        for section in ("model", "stage", "hdb", "lidb"):
             if getattr(saved, section) != getattr(self.config, section):
                 raise ResumeError(f"'{folder}' was trained with a different [{section}] section; resume it with "
                                   f"its own config (stored in {folder / STATE_FILE})")

@@ -18,6 +18,7 @@ from ..errors import HyperLoRAError
 from .denoiser import Batch
 
 MAX_MEMBER = 64 << 20  # bytes: a larger member is refused (a 1024² JPEG is well under 1 MB)
+MAX_LABEL = 1024  # bytes: an identity label (.cls) longer than this is refused
 
 
 class ShardError(HyperLoRAError, ValueError):
@@ -65,6 +66,22 @@ class ShardDataset:
                                      f"above the {MAX_MEMBER} cap")
                 f.seek(offset)
                 out[suffix] = f.read(size)
+        return out
+
+    def labels(self) -> list[str]:
+        """The identity label (``.cls``) of every sample, "" where there is none (LiDB pre-optimisation, stage hdb)."""
+        out = []
+        for index, (shard, members) in enumerate(self._members):
+            if "cls" not in members:
+                out.append("")
+                continue
+            offset, size = members["cls"]
+            if size > MAX_LABEL:
+                raise ShardError(f"'{self.shards[shard]}': member {self.keys[index]}.cls is {size} bytes, above the "
+                                 f"{MAX_LABEL} cap of an identity label")
+            with open(self.shards[shard], "rb") as f:
+                f.seek(offset)
+                out.append(f.read(size).decode("utf-8", errors="replace").strip())
         return out
 
     def get(self, positions: Sequence[int]) -> Batch:

@@ -12,6 +12,9 @@ the hypernetwork applied, and a target in the model's own loss space (epsilon, v
   2 match Base-LoRA: caption without, ID + Base-LoRA on, target = the base model + Base-LoRA prediction.
 * stage 3, ID-LoRA from ArcFace: as stage 2, with the ID projector and the x path joining and the resampler's
   CLIP branch frozen.
+* stage "hdb", the HyperDreamBooth hypernetwork (its own network and loss: ``hdb_stage.py``).
+
+Each stage object builds its network (``build``) and computes its loss (``loss``); the trainer calls only those.
 
 Letters: ``b`` samples.
 """
@@ -22,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import StageConfig
+from .config import HDB, StageConfig, TrainConfig
 from .denoiser import Batch, Denoiser, combine
+from .hdb_stage import HDB_STAGE
+from .hypernet import HyperNetwork
 
 RECONSTRUCT, MATCH_BASE, MATCH_BASE_LORA = 0, 1, 2
 
@@ -38,11 +43,19 @@ class Stage:
     reads_clip: bool  # the CLIP branch is on
     id_lora: bool  # the ID-LoRA is predicted (stages 2, 3) or not (stage 1)
 
+    def build(self, config: TrainConfig, denoiser: Denoiser, *, init: bool = True) -> HyperNetwork:
+        return HyperNetwork(config.model, denoiser.targets, denoiser.unet)
+
+    def loss(self, config: TrainConfig, net: torch.nn.Module, denoiser: Denoiser, batch: Batch, draws: Draws,
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        return stage_loss(self, config.stage, net, denoiser, batch, draws)
+
 
 STAGES = {
     1: Stage(1, ("base",), reads_arcface=False, reads_clip=False, id_lora=False),
     2: Stage(2, ("id_clip", "id_shared", "id_bases"), reads_arcface=False, reads_clip=True, id_lora=True),
     3: Stage(3, ("id_x", "id_shared", "id_bases"), reads_arcface=True, reads_clip=True, id_lora=True),
+    HDB: HDB_STAGE,
 }
 
 

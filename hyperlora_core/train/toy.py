@@ -4,7 +4,9 @@ The denoiser has the SDXL naming of its six attention modules (attn1/attn2 of th
 two SDXL widths, scaled down), an epsilon-prediction DDPM schedule and a hashed word-embedding text encoder.
 An identity is a latent template (its structure) plus per-image variation; its synthetic ArcFace and CLIP
 conditions are noisy projections of a hidden identity code, and the Base conditions see only the per-image part
-(as face-blurred crops do). Letters: ``b`` samples, ``c`` channels, ``s`` side, ``n`` tokens, ``w`` width.
+(as face-blurred crops do). Each image also has a small synthetic face photo (another noisy projection of the
+code, plus pixel noise) for the HyperDreamBooth face encoder.
+Letters: ``b`` samples, ``c`` channels, ``s`` side, ``n`` tokens, ``w`` width.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class SyntheticIdentities:
     """n identities × m images (train) + held-out images, with correlated ArcFace / CLIP / Base conditions."""
 
     def __init__(self, identities: int = 8, images: int = 12, held_out: int = 4, *, channels: int = 8,
-                 side: int = 4, clip_dim: int = 32, clip_tokens: int = 4, embed_dim: int = 512, seed: int = 0) -> None:
+                 side: int = 4, clip_dim: int = 32, clip_tokens: int = 4, embed_dim: int = 512, face_side: int = 16,
+                 seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         code = 16
         self.templates = torch.randn(identities, channels, side, side, generator=g)
@@ -164,6 +167,22 @@ class SyntheticIdentities:
         self.train_index = torch.nonzero(slot < images).flatten().tolist()
         self.held_index = torch.nonzero(slot >= images).flatten().tolist()
         self.identities = identities
+        self.faces = self._faces(codes, ids, face_side, seed)
+
+    @staticmethod
+    def _faces(codes: torch.Tensor, ids: torch.Tensor, side: int, seed: int) -> torch.Tensor:
+        """[N, 3, side, side] face photos: a noisy projection of the identity code, plus pixel noise. A generator
+        of its own, so the other conditions stay what they were."""
+        g = torch.Generator().manual_seed(seed + 7919)
+        to_face = torch.randn(codes.shape[1], 3 * side * side, generator=g) / math.sqrt(codes.shape[1])
+        noisy = codes[ids] + 0.3 * torch.randn(len(ids), codes.shape[1], generator=g)
+        pixels = noisy @ to_face + 0.3 * torch.randn(len(ids), 3 * side * side, generator=g)
+        return pixels.view(-1, 3, side, side)
+
+    def labels(self, held_out: bool = False) -> list[str]:
+        """The identity label of every sample position of the split (as a prepared data set's ``.cls``)."""
+        table = self.held_index if held_out else self.train_index
+        return [str(int(self.ids[i])) for i in table]
 
     def __len__(self) -> int:
         return len(self.train_index)
@@ -173,7 +192,8 @@ class SyntheticIdentities:
         table = self.held_index if held_out else self.train_index
         idx = [table[p] for p in positions]
         return Batch(latents=self.latents[idx], captions=[self.captions[i] for i in idx], clip=self.clip[idx],
-                     arcface=self.arcface[idx], base_clip=self.base_clip[idx], identity=self.ids[idx])
+                     arcface=self.arcface[idx], base_clip=self.base_clip[idx], identity=self.ids[idx],
+                     face=self.faces[idx])
 
     def held_out_of(self, identity: int) -> list[int]:
         return [p for p, i in enumerate(self.held_index) if int(self.ids[i]) == identity]

@@ -256,8 +256,8 @@ def test_node_schema_and_outputs(comfy, setup):
     assert all(i.tooltip for i in schema.inputs)
     out = node.execute(s.model, s.vae, s.positive, s.handle, s.identity, s.images, "rank_relaxed", 3, 1e-3, 2, 0,
                        resolution=256)
-    identity, lora, curve = out.result
-    assert identity is s.identity and len(lora_prefixes(lora)) == 560
+    identity, lora, curve, lidb = out.result
+    assert identity is s.identity and len(lora_prefixes(lora)) == 560 and lidb is None
     assert curve.shape == (1, 256, 512, 3) and float(curve.min()) < 0.5
     _assert_untouched(comfy, s)
 

@@ -22,7 +22,10 @@ CONTRACT = {
     "LoadHyperLoRAIdentity": ["identity"],
     "HyperLoRAHook": ["hyper_lora", "identity", "strength", "start_percent", "end_percent"],
     "HyperLoRARefine": ["model", "vae", "positive", "hyper_lora", "identity", "image", "mode", "steps", "lr", "rank",
-                        "seed", "batch_size", "resolution", "precision", "gradient_checkpointing", "id_strength"],
+                        "seed", "batch_size", "resolution", "precision", "gradient_checkpointing", "id_strength",
+                        "lidb", "lidb_a", "lidb_b"],
+    "SaveLiDB": ["lidb", "filename_prefix", "storage"],
+    "LoadLiDB": ["lidb"],
 }
 
 

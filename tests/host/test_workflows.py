@@ -250,7 +250,7 @@ def for_tiny_models(prompt: dict, *, keep_photos: bool = False) -> dict:
         elif kind == "KSampler":
             inputs.update(steps=2)
         elif kind == "HyperLoRARefine":
-            inputs.update(steps=3, resolution=256)
+            inputs.update(steps=3, resolution=256, lidb_a=32, lidb_b=16)  # the tiny UNet's layers are 64+ wide
     for node in prompt.values():
         for name, value in node["inputs"].items():
             if isinstance(value, list) and (value[0], value[1]) in moved:
@@ -268,7 +268,7 @@ def test_api_twin_runs_on_tiny_models(server, name):
     run = server.server.run(prompt, timeout=300)
     assert run.status == "success", (run.error, run.response)
     outputs = {k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage", "SaveHyperLoRA",
-                                                                     "SaveHyperLoRAIdentity")}
+                                                                     "SaveHyperLoRAIdentity", "SaveLiDB")}
     assert outputs <= set(run.history["outputs"]) | set(run.cached), (outputs, run.history["outputs"].keys())
     COUNTS["run"] += 1
     COUNTS["clip skip"] += bool(skips)

@@ -29,7 +29,7 @@ CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in 
 UPLOAD = "upload"  # LoadImage's frontend-only upload button ("image")
 FRONTEND_ONLY = {CONTROL, UPLOAD}
 OURS = {"LoadHyperLoRA", "HyperLoRAFromImage", "ApplyHyperLoRA", "ConceptSlider", "HyperLoRAToLoRA", "SaveHyperLoRA",
-        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine"}
+        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine", "SaveLiDB", "LoadLiDB"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,13 @@ SPECS = {
                         "filename_prefix", "lora_name:STRING"),
     "SaveHyperLoRAIdentity": _s("Save HyperLoRA Identity", "identity:HYPER_LORA_IDENTITY",
                                 "filename_prefix storage", "identity_name:STRING"),
-    "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING hyper_lora:HYPER_LORA "
-                          "identity:HYPER_LORA_IDENTITY image:IMAGE",
+    "HyperLoRARefine": _s("HyperLoRA Refine", "model:MODEL vae:VAE positive:CONDITIONING image:IMAGE "
+                          "hyper_lora?:HYPER_LORA identity?:HYPER_LORA_IDENTITY lidb?:LIDB",
                           f"mode steps lr rank seed {CONTROL} batch_size resolution precision gradient_checkpointing "
-                          "id_strength",
-                          "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE"),
+                          "id_strength lidb_a lidb_b",
+                          "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE lidb:LIDB"),
+    "SaveLiDB": _s("Save LiDB", "lidb:LIDB", "filename_prefix storage", "lidb_name:STRING"),
+    "LoadLiDB": _s("Load LiDB", "", "lidb", "lidb:LIDB lora:LORA_MODEL"),
     "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
     "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
     "Note": _s("Note", "", "text"),
@@ -491,7 +493,7 @@ def refine() -> Workflow:
     refined = w.add("HyperLoRARefine", (1220, 0), mode=REFINE.mode, steps=REFINE.steps, lr=REFINE.lr,
                     rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
                     resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
-                    id_strength=REFINE.id_strength)
+                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
     for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
                          (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
                          (photo.out("IMAGE"), "image")):
@@ -508,13 +510,45 @@ def refine() -> Workflow:
     return w
 
 
-WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora, refine)
+def lidb() -> Workflow:
+    w = Workflow("HyperLoRA LiDB personalisation", "A LiDB personalisation (~90-170 KB)",
+                 "HyperDreamBooth's compact weights, trained on top of the prediction and saved to models/lidb")
+    w.note(note_text("Fine-tuning in LiDB space (HyperDreamBooth's Lightweight DreamBooth): 150 numbers per layer "
+                     "(a = 100, b = 50), trained on top of the HyperLoRA prediction. Save LiDB keeps them in "
+                     "models/lidb/ (fp16 ~171 KB, int8 ~89 KB); Load LiDB gives them back as a LoRA. Without "
+                     "hyper_lora and identity, HyperLoRA Refine trains a LiDB from zero. It is meant for a GPU.",
+                     SDXL, "The refined LoRA contains the prediction at id_strength and the LiDB: load it at 1.0. "
+                     "The saved LiDB holds only what was added to the prediction."), (0, -340))
+    hyper, photo, ident = identity_chain(w, 0, 0)
+    ckpt = checkpoint(w, (360, 460))
+    pos, neg = prompts(w, ckpt, 760, 300)
+    refined = w.add("HyperLoRARefine", (1220, 0), mode="lidb", steps=REFINE.steps, lr=REFINE.lr,
+                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
+                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
+                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
+    for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
+                         (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
+                         (photo.out("IMAGE"), "image")):
+        w.connect(source, refined, name)
+    curve = w.add("PreviewImage", (1220, 420), title="Training loss", size=(420, 260))
+    w.connect(refined.out("loss_curve"), curve, "images")
+    saved = w.add("SaveLiDB", (1220, 740), filename_prefix="lidb/my_identity", storage="fp16")
+    w.connect(refined.out("lidb"), saved, "lidb")
+    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
+    w.connect(ckpt.out("MODEL"), loaded, "model")
+    w.connect(refined.out("lora"), loaded, "lora")
+    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
+                    "hyperlora/lidb")
+    return w
+
+
+WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora, refine, lidb)
 
 
 # -- thumbnails ---------------------------------------------------------------------------------------------------
 LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "CONDITIONING": "#ffa931",
                "LATENT": "#ff9cf9", "IMAGE": "#64b5f6", "MASK": "#81c784", "CONTROL_NET": "#00d78d",
-               "HYPER_LORA": "#e57373", "HYPER_LORA_IDENTITY": "#4dd0e1", "HOOKS": "#aed581"}
+               "HYPER_LORA": "#e57373", "HYPER_LORA_IDENTITY": "#4dd0e1", "HOOKS": "#aed581", "LIDB": "#f06292"}
 
 
 def thumbnail(w: Workflow, path: Path, size=(512, 384)) -> None:

@@ -110,14 +110,11 @@ def plain_lora_step(denoiser, data, batch: int, rank: int, device: str, precisio
     """A step of one trainable rank-r LoRA on the same targets (the baseline)."""
     g = torch.Generator().manual_seed(1)
     params = {}
-    for m in denoiser.targets:
-        for linear in ("to_q", "to_k", "to_v", "to_out"):
-            from hyperlora_core.topology import comfy_key
-
-            fan_in, fan_out = m.linear_shape(linear, denoiser.unet)
-            params[comfy_key(m, linear)] = (
-                torch.nn.Parameter((torch.randn(1, rank, fan_in, generator=g) * fan_in ** -0.5).to(device)),
-                torch.nn.Parameter(torch.zeros(1, fan_out, rank, device=device)))
+    for lin in denoiser.targets.linears:
+        fan_in, fan_out = lin.in_features, lin.out_features
+        params[lin.key] = (
+            torch.nn.Parameter((torch.randn(1, rank, fan_in, generator=g) * fan_in ** -0.5).to(device)),
+            torch.nn.Parameter(torch.zeros(1, fan_out, rank, device=device)))
     optimizer = torch.optim.AdamW([p for pair in params.values() for p in pair], lr=1e-4)
     b = data.get(list(range(batch))).to(torch.device(device))
     t = torch.randint(denoiser.num_timesteps, (batch,), generator=g).to(device)
@@ -171,8 +168,8 @@ def main() -> None:
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     where = "GPU" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.backend} {args.size}, {len(denoiser.targets)} attention modules, batch {batch}, {args.precision}, "
-          f"{where}, median of {args.steps} steps")
+    print(f"{args.backend} {args.size}, {len(denoiser.targets.modules)} attention modules, batch {batch}, "
+          f"{args.precision}, {where}, median of {args.steps} steps")
     print(f"{'step':<24}{'s/step':>9}{'samples/s':>11}{'÷ plain LoRA':>14}{'hypernet params':>17}")
     for name, seconds, params in rows:
         print(f"{name:<24}{seconds:>9.4f}{batch / seconds:>11.1f}{seconds / plain:>13.2f}×"

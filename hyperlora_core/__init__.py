@@ -31,12 +31,14 @@ from .errors import (
 from .identity import Identity
 from .lora_io import lora_delta, save_lora
 from .model import HyperLoRA, load_hyperlora
+from .targets import TargetLayers, TargetLinear, TargetModule
 from .topology import SDXL, UNetSpec
 
 __all__ = [
     "Checkpoint", "CheckpointFileMissing", "CheckpointFormatError", "ClipModelMissing", "ConditionError",
     "FaceModelError", "FaceModelMissing", "FaceNotFoundError", "HyperLoRA", "HyperLoRAError", "Identity",
     "IdentityFormatError", "IdentityMismatchError", "LFSPointerError", "MissingKeyError", "ModuleMismatchError",
-    "NotSafetensorsError", "SDXL", "ShapeMismatchError", "TruncatedFileError", "UNetSpec", "UnexpectedKeyError",
+    "NotSafetensorsError", "SDXL", "ShapeMismatchError", "TargetLayers", "TargetLinear", "TargetModule",
+    "TruncatedFileError", "UNetSpec", "UnexpectedKeyError",
     "average", "interpolate", "load_hyperlora", "lora_delta", "lora_difference", "open_checkpoint", "save_lora",
 ]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .pages import release_pages
 from .safetensors_file import SafetensorsFile
-from .topology import LINEARS, TOKENS_PER_MODULE
+from .targets import SIDES, TargetLayers, basis_keys, basis_layout
 
 Progress = Callable[[int, int], None]  # (done, total)
 MIN_ROW = 8  # a flat view with narrower rows would be slower than the staged path
@@ -43,11 +43,6 @@ def mixing_threads(rows: torch.Tensor) -> int:
     if rows.device.type != "cpu" or rows.dtype == torch.float32:
         return 1
     return max(1, torch.get_num_threads())
-
-
-def token_index(module: int, linear: int, side: int) -> int:
-    """The coefficient token that mixes side ``side`` (0 down, 1 up) of linear ``linear`` (0..3) of ``module``."""
-    return module * TOKENS_PER_MODULE + 2 * linear + side
 
 
 def mix_bases(coefs: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
@@ -65,7 +60,7 @@ class Member:
 
     key: str  # safetensors key, e.g. "3.to_k.id_down_basis"
     token: int  # coefficient token that mixes it
-    output: tuple[int, str, str]  # (module index, linear, "down" | "up")
+    output: tuple[int, str]  # (target linear index, "down" | "up")
     shape: tuple[int, int, int]  # (k, a, b)
 
 
@@ -110,16 +105,13 @@ class FlatRows:
 class BasisBank:
     """All bases of one kind ("id" or "base") of a checkpoint, ready to mix."""
 
-    def __init__(self, file: SafetensorsFile, n_modules: int, kind: str, flat: FlatRows | None = None) -> None:
+    def __init__(self, file: SafetensorsFile, targets: TargetLayers, kind: str, flat: FlatRows | None = None,
+                 ) -> None:
         self.file = file
         self.kind = kind
-        self.members: list[Member] = []
-        for i in range(n_modules):
-            for j, (linear, _, _) in enumerate(LINEARS):
-                for side_index, side in enumerate(("down", "up")):
-                    key = f"{i}.{linear}.{kind}_{side}_basis"
-                    self.members.append(Member(key, token_index(i, j, side_index), (i, linear, side),
-                                               file.shape(key)))
+        self.n_linears = len(targets.linears)
+        self.members = [Member(key, token, (token // 2, SIDES[token % 2]), file.shape(key))
+                        for token, key in enumerate(basis_keys(basis_layout(targets), kind))]
         self.tokens = torch.tensor([m.token for m in self.members])
         self.flat = flat if flat is not None and flat.ok else None
         if self.flat is not None:
@@ -145,8 +137,8 @@ class BasisBank:
 
     @torch.no_grad()
     def mix(self, tokens: torch.Tensor, progress: Progress | None = None, release: bool = False,
-            ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-        """tokens [q, k] -> {(module, linear): {"down": [a, r], "up": [r, b]}} in float32, basis orientation.
+            ) -> list[dict[str, torch.Tensor]]:
+        """tokens [q, k] -> per target linear {"down": [a, r], "up": [r, b]} in float32, basis orientation.
         ``release``: each part of the memory-mapped file leaves the process's memory once mixed (for a caller
         that needs the memory next, e.g. training), instead of staying resident for the next mixing."""
         coefs = tokens.float().to(self.device)[self.tokens.to(self.device)]  # [j, k]
@@ -154,10 +146,10 @@ class BasisBank:
             mixed = self._mix_flat(coefs, progress, release)
         else:
             mixed = self._mix_staged(coefs, progress)
-        out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        out: list[dict[str, torch.Tensor]] = [{} for _ in range(self.n_linears)]
         for m, matrix in zip(self.members, mixed, strict=True):
-            i, linear, side = m.output
-            out.setdefault((i, linear), {})[side] = matrix.view(m.shape[1], m.shape[2])
+            i, side = m.output
+            out[i][side] = matrix.view(m.shape[1], m.shape[2])
         return out
 
     def _mix_flat(self, coefs: torch.Tensor, progress: Progress | None, release: bool) -> list[torch.Tensor]:

@@ -11,11 +11,23 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import IdProjectorConfig, ResamplerConfig, Shapes, check_keys
 from .errors import CheckpointFileMissing, CheckpointFormatError, MissingKeyError, ModuleMismatchError
 from .safetensors_file import SafetensorsFile
-from .topology import LINEARS, SDXL, TOKENS_PER_MODULE, AttnModule, UNetSpec, resolve
+from .targets import (
+    RELEASED_FAMILY,
+    TOKENS_PER_LINEAR,
+    BasisLayout,
+    TargetLayers,
+    basis_keys,
+    basis_layout,
+    is_extended,
+    released_basis_layout,
+    released_target_layers,
+)
+from .topology import SDXL, AttnModule, UNetSpec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +55,25 @@ class BasisConfig:
         return self.id_rank if kind == "id" else self.base_rank
 
 
+class ModuleList(NamedTuple):
+    """What ``hyper_lora_modules.json`` says, checked."""
+
+    names: tuple[str, ...]  # module names as written in the json, json (= token) order
+    layout: BasisLayout  # per target linear: (module index, basis name, in, out), token order
+    targets: TargetLayers | None  # extended list: its description; released-style: None (built on first use)
+    modules: tuple[AttnModule, ...]  # released-style list: the SDXL module each name refers to; extended: ()
+    unet: UNetSpec | None  # released-style list: the UNet the modules were checked against; extended: None
+
+    def described(self) -> TargetLayers:
+        return self.targets if self.targets is not None else released_target_layers(self.modules, self.unet)
+
+
 @dataclass
 class Checkpoint:
     """A checked checkpoint folder. Tensors stay on disk until asked for."""
 
     folder: Path  # the folder holding hyper_lora_modules.json
-    names: tuple[str, ...]  # module names as written in the json, json (= token) order
-    modules: tuple[AttnModule, ...]  # the SDXL module each name refers to, same order
-    unet: UNetSpec  # the UNet the modules were checked against
+    listed: ModuleList  # the module list
     basis: BasisConfig
     resampler: ResamplerConfig
     id_projector: IdProjectorConfig | None
@@ -70,8 +93,29 @@ class Checkpoint:
     def has_base(self) -> bool:
         return self.base_resampler is not None
 
-    def linear_shape(self, i: int, linear: str) -> tuple[int, int]:
-        return self.modules[i].linear_shape(linear, self.unet)
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.listed.names
+
+    @property
+    def modules(self) -> tuple[AttnModule, ...]:
+        return self.listed.modules
+
+    @property
+    def unet(self) -> UNetSpec | None:
+        return self.listed.unet
+
+    @property
+    def targets(self) -> TargetLayers:
+        """The linears the bases adapt, in token order, with their sizes and model family."""
+        if self.listed.targets is None:  # a released-style list: described on first use, not at load
+            self.listed = self.listed._replace(targets=self.listed.described())
+        return self.listed.targets
+
+    @property
+    def family(self) -> str:
+        """The model family the checkpoint was made for (SDXL for the released ones)."""
+        return self.listed.targets.family if self.listed.targets is not None else RELEASED_FAMILY
 
 
 def find_folder(path: Path) -> Path:
@@ -93,14 +137,24 @@ def find_folder(path: Path) -> Path:
     )
 
 
-def read_module_list(folder: Path, unet: UNetSpec | None,
-                     ) -> tuple[tuple[str, ...], tuple[AttnModule, ...], UNetSpec]:
-    """Names in json order, each resolved to an SDXL module and checked against ``unet``'s widths.
+def read_module_list(folder: Path, unet: UNetSpec | None) -> ModuleList:
+    """The checked module list.
 
-    ``unet`` None takes the widths from the list itself (the first module of each level, the first attn2's
-    context) and checks that every module agrees; a host then checks them against its model's weights.
+    A released-style list (names with ``hidden_size`` / ``cross_attention_dim``): each name is resolved to an SDXL
+    module and checked against ``unet``'s widths; ``unet`` None takes the widths from the list itself (the first
+    module of each level, the first attn2's context) and checks that every module agrees. An extended list
+    describes its linears itself (``unet`` does not apply; modules () and UNet None). Either way a host then checks
+    the linears against its model's weights.
     """
-    path = folder / MODULES_JSON
+    raw = _read_json(folder / MODULES_JSON)
+    if is_extended(raw):
+        targets = TargetLayers.from_json(raw, str(folder / MODULES_JSON))
+        return ModuleList(tuple(m.name for m in targets.modules), basis_layout(targets), targets, (), None)
+    names, modules, unet = _read_released(folder / MODULES_JSON, raw, unet)
+    return ModuleList(names, released_basis_layout(modules, unet), None, modules, unet)
+
+
+def _read_json(path: Path) -> dict:
     head = path.read_bytes()[:64]
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointFormatError(f"module list: '{path}' is a git-LFS pointer, not the file; download it again.")
@@ -110,6 +164,11 @@ def read_module_list(folder: Path, unet: UNetSpec | None,
         raise CheckpointFormatError(f"module list: '{path}' is not valid JSON ({exc}); download it again.") from exc
     if not isinstance(raw, dict) or not raw:
         raise CheckpointFormatError(f"module list: '{path}' must be a non-empty JSON object of module entries.")
+    return raw
+
+
+def _read_released(path: Path, raw: dict, unet: UNetSpec | None,
+                   ) -> tuple[tuple[str, ...], tuple[AttnModule, ...], UNetSpec]:
     if unet is None:
         unet = _listed_unet(path, raw)
     names, modules, seen = [], [], {}
@@ -164,29 +223,26 @@ def _check_module_entry(path: Path, name: str, info: object, module: AttnModule,
         )
 
 
-def _basis_shapes(modules: tuple[AttnModule, ...], unet: UNetSpec, k: int, rank: int, kind: str) -> Shapes:
-    shapes: Shapes = {}
-    for i, module in enumerate(modules):
-        for linear, _, _ in LINEARS:
-            fan_in, fan_out = module.linear_shape(linear, unet)
-            shapes[f"{i}.{linear}.{kind}_down_basis"] = (k, fan_in, rank)
-            shapes[f"{i}.{linear}.{kind}_up_basis"] = (k, rank, fan_out)
-    return shapes
+def _basis_shapes(layout: BasisLayout, keys: list[str], k: int, rank: int) -> Shapes:
+    """{basis key: shape}: [K, in, r] for a down basis, [K, r, out] for an up one (keys in token order)."""
+    return dict(zip(keys, [s for _, _, a, b in layout for s in ((k, a, rank), (k, rank, b))], strict=True))
 
 
-def read_basis_config(file: SafetensorsFile, modules: tuple[AttnModule, ...], unet: UNetSpec) -> BasisConfig:
+def read_basis_config(file: SafetensorsFile, layout: BasisLayout) -> BasisConfig:
     found = {key: info.shape for key, info in file.tensors.items()}
-    first = "0.to_q.id_down_basis"
+    id_keys = basis_keys(layout, "id")
+    first = id_keys[0]
     if first not in found or len(found[first]) != 3:
         raise MissingKeyError(
             f"LoRA basis: '{file.path}' lacks {first!r} (a [K, in, rank] tensor); it is not a HyperLoRA basis file."
         )
     k, _, id_rank = found[first]
-    expected = _basis_shapes(modules, unet, k, id_rank, "id")
+    expected = _basis_shapes(layout, id_keys, k, id_rank)
     base_rank = None
     if any(".base_" in key for key in found):
-        base_rank = found.get("0.to_q.base_down_basis", (0, 0, id_rank // 2))[2]
-        expected.update(_basis_shapes(modules, unet, k, base_rank, "base"))
+        base_keys = basis_keys(layout, "base")
+        base_rank = found.get(base_keys[0], (0, 0, id_rank // 2))[2]
+        expected.update(_basis_shapes(layout, base_keys, k, base_rank))
     try:
         check_keys("LoRA basis", file.path, found, expected)
     except CheckpointFormatError as exc:
@@ -197,13 +253,13 @@ def read_basis_config(file: SafetensorsFile, modules: tuple[AttnModule, ...], un
 def open_checkpoint(path: str | Path, *, unet: UNetSpec | None = SDXL, dim_head: int | None = None) -> Checkpoint:
     """Find, parse and check a checkpoint folder without reading its tensors (``unet`` None: see read_module_list)."""
     folder = find_folder(Path(path).expanduser())
-    names, modules, unet = read_module_list(folder, unet)
+    listed = read_module_list(folder, unet)
     files = {
         "basis": SafetensorsFile(folder / "hyper_lora_modules.safetensors", "LoRA basis"),
         "resampler": SafetensorsFile(folder / "resampler.safetensors", "resampler"),
     }
-    basis = read_basis_config(files["basis"], modules, unet)
-    resampler = _resampler_config(files["resampler"], dim_head, len(modules), basis.k)
+    basis = read_basis_config(files["basis"], listed.layout)
+    resampler = _resampler_config(files["resampler"], dim_head, listed, basis.k)
     id_projector = None
     if (folder / "id_projector.safetensors").exists() or resampler.two_conditions:
         files["id_projector"] = SafetensorsFile(folder / "id_projector.safetensors", "ID projector")
@@ -223,13 +279,13 @@ def open_checkpoint(path: str | Path, *, unet: UNetSpec | None = SDXL, dim_head:
                 f"base resampler: '{files['base_resampler'].path}' is present but the LoRA basis has no "
                 "'<i>.<linear>.base_down_basis' tensors; remove the base resampler or use the matching basis."
             )
-        base_resampler = _resampler_config(files["base_resampler"], dim_head, len(modules), basis.k)
+        base_resampler = _resampler_config(files["base_resampler"], dim_head, listed, basis.k)
     elif basis.base_rank is not None:
         notes.append("the basis has base_* tensors but there is no base_resampler.safetensors: no Base-LoRA")
     hasher = hashlib.sha256((folder / MODULES_JSON).read_bytes())
     for role in sorted(files):
         files[role].update_fingerprint(hasher)
-    return Checkpoint(folder=folder, names=names, modules=modules, unet=unet, basis=basis, resampler=resampler,
+    return Checkpoint(folder=folder, listed=listed, basis=basis, resampler=resampler,
                       id_projector=id_projector, base_resampler=base_resampler, files=files,
                       fingerprint=hasher.hexdigest()[:32], notes=notes)
 
@@ -238,7 +294,7 @@ def _shapes(file: SafetensorsFile) -> Shapes:
     return {key: info.shape for key, info in file.tensors.items()}
 
 
-def _resampler_config(file: SafetensorsFile, dim_head: int | None, n_modules: int, k: int) -> ResamplerConfig:
+def _resampler_config(file: SafetensorsFile, dim_head: int | None, listed: ModuleList, k: int) -> ResamplerConfig:
     """dim_head: as given; else as the file's metadata tells ("dim_head"); else the release's 64."""
     if dim_head is None:
         told = file.metadata.get("dim_head", str(DEFAULT_DIM_HEAD))
@@ -246,10 +302,12 @@ def _resampler_config(file: SafetensorsFile, dim_head: int | None, n_modules: in
             raise CheckpointFormatError(f"{file.what}: '{file.path}': metadata dim_head={told!r} is not a number")
         dim_head = int(told)
     config = ResamplerConfig.from_shapes(_shapes(file), what=file.what, path=file.path, dim_head=dim_head)
-    if config.num_queries != TOKENS_PER_MODULE * n_modules:
+    tokens = TOKENS_PER_LINEAR * len(listed.layout)
+    if config.num_queries != tokens:
         raise CheckpointFormatError(
             f"{file.what}: '{file.path}' has {config.num_queries} latent tokens but {MODULES_JSON} lists "
-            f"{n_modules} modules, which need {TOKENS_PER_MODULE * n_modules}; the files do not belong together."
+            f"{len(listed.names)} modules of {len(listed.layout)} linears, which need {tokens} (2 per linear); "
+            "the files do not belong together."
         )
     if config.out_dim != k:
         raise CheckpointFormatError(

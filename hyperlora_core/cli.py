@@ -17,6 +17,8 @@ log = logging.getLogger("hyperlora_core")
 
 
 def _naming(checkpoint: Checkpoint) -> str:
+    if not checkpoint.modules:
+        return "extended (ComfyUI keys)"
     for naming in NAMINGS:
         if all(m.name(naming) == n for m, n in zip(checkpoint.modules, checkpoint.names, strict=True)):
             return naming
@@ -24,6 +26,8 @@ def _naming(checkpoint: Checkpoint) -> str:
 
 
 def _order(checkpoint: Checkpoint) -> str:
+    if not checkpoint.modules:
+        return "json"
     for label, order in (("SGM (down, mid, up)", sdxl_modules()), ("diffusers (down, up, mid)", diffusers_order())):
         if checkpoint.modules == tuple(order):
             return label
@@ -41,10 +45,12 @@ def summary(checkpoint: Checkpoint) -> dict[str, object]:
     out: dict[str, object] = {
         "folder": str(checkpoint.folder),
         "fingerprint": checkpoint.fingerprint,
-        "modules": len(checkpoint.modules),
+        "family": checkpoint.family,
+        "modules": len(checkpoint.targets.modules),
+        "linears": len(checkpoint.targets.linears),
         "module_naming": _naming(checkpoint),
         "module_order": _order(checkpoint),
-        "target": checkpoint.unet.name,
+        "target": checkpoint.unet.name if checkpoint.unet is not None else checkpoint.family,
         "basis_size_K": checkpoint.basis.k,
         "id_rank": checkpoint.basis.id_rank,
         "base_rank": checkpoint.basis.base_rank,
@@ -71,7 +77,7 @@ def _numel(shape: Sequence[int]) -> int:
 def _print_summary(info: dict[str, object]) -> None:
     lines = [f"checkpoint   {info['folder']}", f"fingerprint  {info['fingerprint']}",
              f"modules      {info['modules']} for {info['target']}, {info['module_naming']} names, "
-             f"{info['module_order']} order",
+             f"{info['module_order']} order, {info['linears']} linears",
              f"basis        K={info['basis_size_K']}, ID rank {info['id_rank']}, base rank {info['base_rank']}",
              f"encoders     {' + '.join(info['encoders'])}, Base-LoRA: {'yes' if info['base_lora'] else 'no'}",
              "resampler    " + ", ".join(f"{k} {v}" for k, v in info["resampler"].items())]

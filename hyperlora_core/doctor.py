@@ -70,7 +70,7 @@ def check_checkpoints(models: Path, unet: UNetSpec = SDXL) -> list[Check]:
             problems = [c for c in check_checkpoint_files(folder, unet) if c.status == "problem"]
             checks += problems or [Check(name, "problem", str(exc), _fix_for(exc))]
             continue
-        detail = (f"{len(ckpt.modules)} modules, K={ckpt.basis.k}, rank {ckpt.basis.id_rank}, "
+        detail = (f"{ckpt.family}, {len(ckpt.targets.modules)} modules, K={ckpt.basis.k}, rank {ckpt.basis.id_rank}, "
                   f"encoders {'+'.join(ckpt.encoders)}")
         if ckpt.folder != folder:
             checks.append(Check(name, "warn", f"nested folder {ckpt.folder.relative_to(models)} (it works)",
@@ -117,7 +117,7 @@ def check_checkpoint_files(folder: Path, unet: UNetSpec = SDXL) -> list[Check]:
 
 def _basis(path: Path, modules) -> object:
     file = SafetensorsFile(path, "LoRA basis")
-    return read_basis_config(file, modules[1], modules[2]) if modules is not None else file
+    return read_basis_config(file, modules.layout) if modules is not None else file
 
 
 def _resampler(path: Path, what: str) -> ResamplerConfig:

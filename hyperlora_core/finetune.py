@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from .arithmetic import combine_by_rank
-from .basis import token_index
 from .errors import LidbMismatchError
 from .identity import Identity
 from .lidb import LiDB, LidbAux, LidbLoRA
@@ -36,7 +35,7 @@ from .model import HyperLoRA
 from .pages import release_pages
 from .resampler import normalize_tokens
 from .safetensors_file import SafetensorsFile
-from .topology import LINEARS
+from .targets import basis_keys, basis_layout, token_index
 
 
 @dataclass
@@ -49,7 +48,7 @@ class RefineResult:
 
 
 class Parametrisation(Protocol):
-    """A trainable form of an identity's LoRA on the linears ``prefixes`` (json order, then q, k, v, out)."""
+    """A trainable form of an identity's LoRA on the linears ``prefixes`` (token order)."""
 
     prefixes: list[str]
 
@@ -233,10 +232,9 @@ class CoefficientLoRA(_Factored, nn.Module):
         identity.check_compatible(hyperlora.fingerprint, hyperlora.module_names)
         self.hyperlora, self.identity = hyperlora, identity
         self.tokens = nn.Parameter(identity.tokens.detach().float().clone())
-        self.prefixes = list(prefixes)  # one per (module, linear), json order then q, k, v, out
+        self.prefixes = list(prefixes)  # one per target linear, in token order
         self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
-        keys = [f"{i}.{linear}.id_{side}_basis" for i in range(len(hyperlora.module_names))
-                for linear, _, _ in LINEARS for side in ("down", "up")]
+        keys = basis_keys(basis_layout(hyperlora.targets), "id")  # per linear: down, then up
         self._mapping, mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
         downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):
@@ -245,9 +243,8 @@ class CoefficientLoRA(_Factored, nn.Module):
 
     def factors(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale · (Σ b·up_basis)ᵀ [out, r], (Σ a·down_basis)ᵀ [r, in]) of linear ``index``."""
-        module, j = divmod(index, len(LINEARS))
-        a = self.tokens[token_index(module, j, 0)]
-        b = self.tokens[token_index(module, j, 1)]
+        a = self.tokens[token_index(index, 0)]
+        b = self.tokens[token_index(index, 1)]
         down = mix_basis(a, self._downs[index], self._mapping).t().contiguous()  # [r, in]
         up = (self.scale * mix_basis(b, self._ups[index], self._mapping)).t().contiguous()  # [out, r]
         return up, down

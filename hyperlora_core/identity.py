@@ -30,16 +30,18 @@ MAX_NAMES_BYTES = 4 << 20  # module-name list, decompressed: the released 140 na
 class Identity:
     """Coefficient tokens in json (= token) order, tied to the checkpoint that made them."""
 
-    tokens: torch.Tensor  # [n_modules·8, K] float32, each token unit-norm
+    tokens: torch.Tensor  # [2 per target linear (8 per released module), K] float32, each token unit-norm
     module_names: tuple[str, ...]  # the checkpoint's json names, in order
     fingerprint: str  # content fingerprint of the checkpoint that made the tokens
-    base_tokens: torch.Tensor | None = None  # [n_modules·8, K] for the Base-LoRA, when the checkpoint has one
+    base_tokens: torch.Tensor | None = None  # like tokens, for the Base-LoRA, when the checkpoint has one
     meta: dict[str, str] = field(default_factory=dict)  # free-form notes (source images, refinement, ...)
 
     def __post_init__(self) -> None:
-        if self.tokens.ndim != 2 or self.tokens.shape[0] != 8 * len(self.module_names):
+        rows = self.tokens.shape[0] if self.tokens.ndim == 2 else 0
+        if rows % 2 or rows < 2 * len(self.module_names):  # 2 per linear, at least one linear per module
             raise IdentityFormatError(
-                f"identity tokens must be [8 × {len(self.module_names)} modules, K]; got {list(self.tokens.shape)}"
+                f"identity tokens must be [2 per target linear of {len(self.module_names)} modules, K]; got "
+                f"{list(self.tokens.shape)}"
             )
         if self.base_tokens is not None and self.base_tokens.shape[0] != self.tokens.shape[0]:
             raise IdentityFormatError(f"base tokens {list(self.base_tokens.shape)} do not match the ID tokens")

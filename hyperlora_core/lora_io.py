@@ -4,27 +4,36 @@ A LoRA here is a plain ``dict[str, Tensor]`` with, per target linear ``P``:
 ``P.lora_down.weight`` [r, in], ``P.lora_up.weight`` [out, r] and ``P.alpha`` (scalar), so that the weight
 delta is ``up @ down · alpha / r``. Key prefixes follow one of two formats:
 
-* ``kohya``: ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` (ComfyUI's LoraLoader,
-  A1111/Forge and kohya's scripts load it);
-* ``comfy``: ``diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (ComfyUI's LORA_MODEL).
+* ``kohya``: ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` (ComfyUI's LoraLoader maps it for
+  every family; for SDXL A1111/Forge and kohya's scripts load it too);
+* ``comfy``: ``diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (ComfyUI's LORA_MODEL);
+* a mapping {target key: prefix}: a family's own convention, as a host reads it from its key maps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from .safetensors_file import save_atomic
-from .topology import LINEARS, AttnModule, comfy_key, kohya_key
+from .targets import TargetLayers, TargetLinear, kohya_prefix
 
-KEY_FORMATS: dict[str, Callable[[AttnModule, str], str]] = {"kohya": kohya_key, "comfy": comfy_key}
+KeyFormat = str | Mapping[str, str]  # "kohya", "comfy", or {target key: LoRA key prefix} (a family's own naming)
+KEY_FORMATS: dict[str, Callable[[TargetLinear], str]] = {"kohya": kohya_prefix, "comfy": lambda lin: lin.key}
 ALPHA_PER_RANK = 0.5  # the method's alpha = rank / 2, i.e. a LoRA scale of 0.5
 ID_STRENGTH = 0.85  # the weight an identity's LoRA is applied at by default (the method recommends 0.75–0.85)
 
 
-def key_function(key_format: str) -> Callable[[AttnModule, str], str]:
+def key_function(key_format: KeyFormat) -> Callable[[TargetLinear], str]:
+    """The LoRA key prefix of a target linear in ``key_format``; a mapping must name every target."""
+    if isinstance(key_format, Mapping):
+        def named(linear: TargetLinear) -> str:
+            if linear.key not in key_format:
+                raise ValueError(f"the LoRA key naming has no name for target {linear.key!r}")
+            return key_format[linear.key]
+        return named
     try:
         return KEY_FORMATS[key_format]
     except KeyError:
@@ -32,17 +41,16 @@ def key_function(key_format: str) -> Callable[[AttnModule, str], str]:
 
 
 def build_lora(
-    mixed: dict[tuple[int, str], dict[str, torch.Tensor]],
-    modules: Sequence[AttnModule],
-    key_format: str = "kohya",
+    mixed: list[dict[str, torch.Tensor]],
+    targets: TargetLayers,
+    key_format: KeyFormat = "kohya",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Mixed basis matrices ({(i, linear): {"down": [in, r], "up": [r, out]}}) -> LoRA state dict."""
+    """Mixed basis matrices (per target linear {"down": [in, r], "up": [r, out]}) -> LoRA state dict."""
     key_of = key_function(key_format)
     lora: dict[str, torch.Tensor] = {}
-    for i, module in enumerate(modules):  # json order, then q, k, v, out
-        for linear, _, _ in LINEARS:
-            _add_pair(lora, key_of(module, linear), mixed[(i, linear)], dtype)
+    for linear, pair in zip(targets.linears, mixed, strict=True):  # token order
+        _add_pair(lora, key_of(linear), pair, dtype)
     return lora
 
 

@@ -13,9 +13,10 @@ from .basis import BasisBank, FlatRows, Progress
 from .checkpoint import KINDS, Checkpoint, open_checkpoint
 from .errors import ConditionError
 from .identity import Identity
-from .lora_io import build_lora
+from .lora_io import KeyFormat, build_lora
 from .readahead import ReadAhead, Span
 from .resampler import IdProjector, Resampler
+from .targets import TargetLayers
 from .topology import SDXL, UNetSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class HyperLoRA:
     @property
     def module_names(self) -> tuple[str, ...]:
         return self.checkpoint.names
+
+    @property
+    def targets(self) -> TargetLayers:
+        """The linears this checkpoint adapts, with their sizes and model family, in token order."""
+        return self.checkpoint.targets
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -156,8 +162,7 @@ class HyperLoRA:
                 self._flat = FlatRows(self.checkpoint.files["basis"])
                 if self._flat.ok and self.device.type != "cpu":
                     self._flat.to(self.device)
-            self._banks[kind] = BasisBank(self.checkpoint.files["basis"], len(self.checkpoint.modules), kind,
-                                          self._flat)
+            self._banks[kind] = BasisBank(self.checkpoint.files["basis"], self.checkpoint.targets, kind, self._flat)
         return self._banks[kind]
 
     def release_bases(self) -> None:
@@ -213,26 +218,29 @@ class HyperLoRA:
                         base_tokens=base)
 
     @torch.inference_mode()
-    def identity_to_lora(self, identity: Identity, kind: str = "id", key_format: str = "kohya",
+    def identity_to_lora(self, identity: Identity, kind: str = "id", key_format: KeyFormat = "kohya",
                          dtype: torch.dtype = torch.float32, progress: Progress | None = None,
                          release: bool = False) -> dict[str, torch.Tensor]:
-        """Mix the bases with the identity's coefficients: a LoRA state dict of all 4 × n_modules linears.
-        ``release``: the basis file's pages leave this process's memory as they are mixed (see BasisBank.mix)."""
+        """Mix the bases with the identity's coefficients: a LoRA state dict of every target linear.
+
+        key_format: "kohya", "comfy", or {target key: LoRA key prefix} (see :func:`~.lora_io.key_function`).
+        release: the basis file's pages leave this process's memory as they are mixed (see BasisBank.mix)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         identity.check_compatible(self.fingerprint, self.module_names)
         tokens = identity.tokens if kind == "id" else identity.base_tokens
         if kind == "base" and (tokens is None or self.checkpoint.basis.base_rank is None):
             raise ValueError("no Base-LoRA: the checkpoint has no base bases or the identity has no base tokens")
-        if tokens.shape[1] != self.checkpoint.basis.k:
-            raise ValueError(f"identity has K={tokens.shape[1]} coefficients per token, the basis K="
-                             f"{self.checkpoint.basis.k}")
+        if tokens.shape != (self.targets.token_count, self.checkpoint.basis.k):
+            raise ValueError(f"identity has {list(tokens.shape)} coefficient tokens; the checkpoint needs "
+                             f"[{self.targets.token_count}, K={self.checkpoint.basis.k}]")
         mixed = self.bank(kind).mix(tokens.to(self.device), progress, release)
-        return build_lora(mixed, self.checkpoint.modules, key_format, dtype)
+        return build_lora(mixed, self.targets, key_format, dtype)
 
     def __repr__(self) -> str:
         c = self.checkpoint
-        return (f"HyperLoRA({c.folder.name}: {len(c.modules)} modules, K={c.basis.k}, rank={c.basis.id_rank}, "
+        return (f"HyperLoRA({c.folder.name}: {c.family}, {len(c.names)} modules, K={c.basis.k}, "
+                f"rank={c.basis.id_rank}, "
                 f"encoders={'+'.join(self.encoders)}, base={self.has_base}, {self.dtype}, {self.device})")
 
 
@@ -256,8 +264,9 @@ def load_hyperlora(path: str | Path, device: torch.device | str | None = None,
     """Open and check a checkpoint folder. Reads headers only; the networks build on first prediction.
 
     device: where prediction and mixing run (default CPU). dtype: "auto"/None, "fp32", "fp16" or "bf16".
-    unet: the UNet the modules must fit (SDXL); None takes the widths the module list gives (a host then checks
-    them against its model). dim_head: the resampler's head width; by default what the
+    unet: the UNet a released-style module list must fit (SDXL); None takes the widths the list gives (a host then
+    checks them against its model). An extended list (any family) carries its own linears and sizes: ``unet`` does
+    not apply to it. dim_head: the resampler's head width; by default what the
     resampler file's metadata says, else the release's 64.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -19,7 +19,8 @@ import torch
 
 from .config import IdProjectorConfig, ResamplerConfig
 from .safetensors_file import DTYPES
-from .topology import LINEARS, NAMINGS, TOKENS_PER_MODULE, AttnModule, UNetSpec, diffusers_order, sdxl_modules
+from .targets import SIDES, TOKENS_PER_LINEAR, TargetLayers, basis_names, released_target_layers
+from .topology import NAMINGS, AttnModule, UNetSpec, diffusers_order, sdxl_modules
 
 TINY_UNET = UNetSpec(name="tiny SDXL", level_widths=(16, 32), context_dim=24)
 _TAGS = {v[0]: k for k, v in DTYPES.items()}
@@ -59,13 +60,13 @@ def _normal(seed: int, tag: str, shape: Sequence[int], scale: float, shift: floa
     return lambda: torch.randn(tuple(shape), generator=_gen(seed, tag)) * scale + shift
 
 
-def _resampler_entries(config: ResamplerConfig, modules: Sequence[AttnModule], seed: int, tag: str) -> list[Entry]:
+def _resampler_entries(config: ResamplerConfig, targets: TargetLayers, seed: int, tag: str) -> list[Entry]:
     entries: list[Entry] = []
     for key, shape in config.expected_shapes().items():
         if key == "latents":
             def latents(shape=shape) -> torch.Tensor:
-                rows = [torch.randn(TOKENS_PER_MODULE, config.dim, generator=_gen(seed, f"{tag}.latents.{m.sgm}"))
-                        for m in modules]
+                rows = [torch.randn(TOKENS_PER_LINEAR * len(m.linears), config.dim,
+                                    generator=_gen(seed, f"{tag}.latents.{m.name}")) for m in targets.modules]
                 return torch.cat(rows).reshape(shape)
             entries.append((key, shape, latents))
         elif key.endswith(".weight") and len(shape) == 1:  # LayerNorm gain
@@ -97,41 +98,38 @@ def write_checkpoint(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     modules: Sequence[AttnModule] | None = None,
+    targets: TargetLayers | None = None,
 ) -> Path:
     """Write a complete random checkpoint folder; returns its path.
 
     naming: one of kohya_diffusers, kohya_sgm, diffusers. order: "sgm", "diffusers" or "reversed" (json order).
     encoders: ("arcface", "clip") as released, or ("arcface",) / ("clip",) for one-condition resamplers.
+    targets: any family's target linears, written as the extended module list (naming, order, unet and modules
+    then do not apply); None writes the released SDXL-style list of ``modules`` at the widths of ``unet``.
     """
     if naming not in NAMINGS:
         raise ValueError(f"naming must be one of {NAMINGS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if modules is None:
-        modules = {"sgm": sdxl_modules(), "diffusers": diffusers_order(),
-                   "reversed": tuple(reversed(sdxl_modules()))}[order]
-    table = {m.name(naming): {"hidden_size": m.hidden(unet),
-                              "cross_attention_dim": unet.context_dim if m.cross else None} for m in modules}
+    if targets is None:
+        if modules is None:
+            modules = {"sgm": sdxl_modules(), "diffusers": diffusers_order(),
+                       "reversed": tuple(reversed(sdxl_modules()))}[order]
+        table = {m.name(naming): {"hidden_size": m.hidden(unet),
+                                  "cross_attention_dim": unet.context_dim if m.cross else None} for m in modules}
+        targets = released_target_layers(modules, unet)
+    else:
+        table = targets.to_json()
     (folder / "hyper_lora_modules.json").write_text(json.dumps(table, indent=2))
-
-    basis: list[Entry] = []
-    kinds = [("id", rank)] + ([("base", rank // 2)] if base else [])
-    for i, m in enumerate(modules):
-        for linear, _, _ in LINEARS:
-            fan_in, fan_out = m.linear_shape(linear, unet)
-            for kind, r in kinds:
-                for side, shape in (("down", (k, fan_in, r)), ("up", (k, r, fan_out))):
-                    tag = f"basis.{m.sgm}.{linear}.{kind}.{side}"
-                    basis.append((f"{i}.{linear}.{kind}_{side}_basis", shape, _normal(seed, tag, shape, 0.1)))
-    write_safetensors(folder / "hyper_lora_modules.safetensors", basis, dtype)
+    write_safetensors(folder / "hyper_lora_modules.safetensors", _basis_entries(targets, k, rank, base, seed), dtype)
 
     two = "arcface" in encoders and "clip" in encoders
     x_dim = id_width if "arcface" in encoders else clip_dim
-    common = dict(dim=dim, depth=depth, heads=heads, dim_head=dim_head, num_queries=TOKENS_PER_MODULE * len(modules),
+    common = dict(dim=dim, depth=depth, heads=heads, dim_head=dim_head, num_queries=targets.token_count,
                   out_dim=k, ff_inner=4 * dim)
     resampler = ResamplerConfig(x_dim=x_dim, y_dim=clip_dim if two else None, **common)
     told = {"dim_head": str(dim_head)} if dim_head != 64 else None  # the release says nothing: 64
-    write_safetensors(folder / "resampler.safetensors", _resampler_entries(resampler, modules, seed, "id"), dtype,
+    write_safetensors(folder / "resampler.safetensors", _resampler_entries(resampler, targets, seed, "id"), dtype,
                       told)
     if "arcface" in encoders:
         proj = IdProjectorConfig(embed_dim=id_embed_dim, num_tokens=num_id_tokens, width=id_width)
@@ -142,5 +140,18 @@ def write_checkpoint(
     if base:
         base_cfg = ResamplerConfig(x_dim=clip_dim, y_dim=None, **common)
         write_safetensors(folder / "base_resampler.safetensors",
-                          _resampler_entries(base_cfg, modules, seed, "base"), dtype, told)
+                          _resampler_entries(base_cfg, targets, seed, "base"), dtype, told)
     return folder
+
+
+def _basis_entries(targets: TargetLayers, k: int, rank: int, base: bool, seed: int) -> list[Entry]:
+    """Every basis tensor, seeded by the module's name and the linear's (not by position in the file)."""
+    entries: list[Entry] = []
+    kinds = [("id", rank)] + ([("base", rank // 2)] if base else [])
+    for i, module in enumerate(targets.modules):
+        for name, lin in zip(basis_names(module), module.linears, strict=True):
+            for kind, r in kinds:
+                for side, shape in zip(SIDES, ((k, lin.in_features, r), (k, r, lin.out_features)), strict=True):
+                    tag = f"basis.{module.name}.{name}.{kind}.{side}"
+                    entries.append((f"{i}.{name}.{kind}_{side}_basis", shape, _normal(seed, tag, shape, 0.1)))
+    return entries

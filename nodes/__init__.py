@@ -26,6 +26,7 @@ class HyperLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .apply import ApplyHyperLoRA, HyperLoRAToLoRA
         from .hook import HyperLoRAHook
+        from .hyperdreambooth import HyperDreamBoothFromImage, LoadHyperDreamBooth
         from .identity import HyperLoRAFromImage
         from .lidb import LoadLiDB, SaveLiDB
         from .loader import LoadHyperLoRA
@@ -37,4 +38,5 @@ class HyperLoRAExtension(ComfyExtension):
         report_missing()
         register()
         return [LoadHyperLoRA, HyperLoRAFromImage, ApplyHyperLoRA, ConceptSlider, HyperLoRAToLoRA, SaveHyperLoRA,
-                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine, SaveLiDB, LoadLiDB]
+                SaveHyperLoRAIdentity, LoadHyperLoRAIdentity, HyperLoRAHook, HyperLoRARefine, SaveLiDB, LoadLiDB,
+                LoadHyperDreamBooth, HyperDreamBoothFromImage]

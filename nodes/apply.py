@@ -12,8 +12,9 @@ import torch
 from comfy_api.latest import io
 
 from ..hyperlora_core.config import TRIGGER_WORDS
-from ..hyperlora_core.errors import InputValueError, ModuleMismatchError
-from ..hyperlora_core.lora_io import ID_STRENGTH, lora_prefixes
+from ..hyperlora_core.errors import InputValueError
+from ..hyperlora_core.lora_io import ID_STRENGTH, KeyFormat
+from ..hyperlora_core.targets import TargetLayers, check_fits
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)
@@ -40,48 +41,31 @@ def mixing_progress(done: int, total: int) -> None:
     comfy.utils.ProgressBar(total).update_absolute(done, total)
 
 
-def make_lora(handle, identity, kind: str = "id", key_format: str = "comfy", release: bool = False,
+def make_lora(handle, identity, kind: str = "id", key_format: KeyFormat = "comfy", release: bool = False,
               ) -> dict[str, torch.Tensor]:
     return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle),
                                         progress=mixing_progress, release=release)
 
 
-def check_model(model, lora: dict[str, torch.Tensor]) -> None:
-    """Refuse, before sampling, a MODEL whose attention layers are not the ones the LoRA was made for."""
-    weights = model.model_state_dict()
-    missing, mismatched = [], []
-    for prefix in lora_prefixes(lora):
-        want = (lora[prefix + ".lora_up.weight"].shape[0], lora[prefix + ".lora_down.weight"].shape[1])
-        found = weights.get(prefix + ".weight")
-        if found is None:
-            missing.append(prefix)
-        elif tuple(found.shape) != want:
-            mismatched.append((prefix, tuple(found.shape), want))
-    if not missing and not mismatched:
-        return
-    total = len(lora_prefixes(lora))
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} of its {total} layers do not exist in this MODEL (first: {missing[0]})")
-    if mismatched:
-        p, found, want = mismatched[0]
-        parts.append(f"{len(mismatched)} have other sizes (first: {p} is {list(found)} in the MODEL, "
-                     f"{list(want)} in the HyperLoRA)")
-    if missing:
-        advice = ("HyperLoRA checkpoints are made for SDXL: load an SDXL checkpoint (SD1.5, SD3, Flux and other "
-                  "models cannot use it).")
-    else:
-        advice = ("The MODEL has SDXL's layers but other attention widths than this HyperLoRA checkpoint was "
-                  "made for: use a standard SDXL model (640/1280 wide, 2048-wide text context).")
-    raise ModuleMismatchError("This MODEL does not fit the HyperLoRA: " + "; ".join(parts) + ". " + advice)
+def model_family(model) -> str:
+    """The family of a MODEL as ComfyUI detected it: its model_config's class name (SDXL, SD15, Flux, ...)."""
+    return type(model.model.model_config).__name__
+
+
+def check_model(model, targets: TargetLayers) -> None:
+    """Refuse, before any mixing or sampling, a MODEL that lacks a layer the HyperLoRA targets or has it at other
+    sizes (a checkpoint of another family): the message names both families and the first layer that does not
+    fit."""
+    shapes = {key: tuple(w.shape) for key, w in model.model_state_dict().items()}
+    check_fits(targets, shapes, model_family(model))
 
 
 def apply_identity(model, handle, identity, id_strength: float, base_strength: float = 0.0):
     """A patched clone of ``model``; the incoming MODEL is never changed."""
     check_strength("id_strength", id_strength)
     check_strength("base_strength", base_strength)
+    check_model(model, handle.core.targets)
     lora = make_lora(handle, identity, "id")
-    check_model(model, lora)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, id_strength, 0.0)
     if base_strength != 0.0:
         if handle.core.has_base and identity.base_tokens is not None:
@@ -103,10 +87,12 @@ class ApplyHyperLoRA(io.ComfyNode):
             node_id="ApplyHyperLoRA",
             display_name="Apply HyperLoRA",
             category=CATEGORY,
-            description="Applies an identity to an SDXL MODEL as a LoRA (on a copy). The prompt must contain the "
+            description="Applies an identity to a MODEL as a LoRA (on a copy): an SDXL model for the released "
+                        "HyperLoRAs, else the family the HyperLoRA was trained for. The prompt must contain the "
                         f"trigger words '{TRIGGER_WORDS}' (output below).",
             inputs=[
-                io.Model.Input("model", tooltip="An SDXL model."),
+                io.Model.Input("model", tooltip="A model of the family the HyperLoRA was made for (SDXL for the "
+                                                "released ones); another family is refused before sampling."),
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
                 IdentityType.Input("identity", tooltip="From HyperLoRA Face (photos) or Load HyperLoRA Identity."),
                 io.Float.Input("id_strength", default=ID_STRENGTH, min=-2.0, max=2.0, step=0.01,

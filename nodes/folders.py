@@ -17,6 +17,7 @@ HYPER_LORA = "hyper_lora"
 INSIGHTFACE = "insightface"
 IDENTITIES = "hyper_lora_identities"
 LIDB = "lidb"  # models/lidb: LiDB files (Save LiDB / Load LiDB)
+HDB = "hyperdreambooth"  # models/hyperdreambooth: HyperDreamBooth networks (Load HyperDreamBooth)
 MODULES_JSON = "hyper_lora_modules.json"
 DETECTOR = "scrfd_10g_bnkps.onnx"
 CLIP_NAMES = ("clip_vit_large_14", "clip_vit", "clip")
@@ -27,10 +28,11 @@ def register() -> None:
     """Add our folders under ComfyUI's models dir, keeping any path extra_model_paths.yaml already gave."""
     base = Path(folder_paths.models_dir)
     for name, path in ((HYPER_LORA, base / "hyper_lora"), (INSIGHTFACE, base / "insightface"),
-                       (IDENTITIES, base / "hyper_lora" / "identities"), (LIDB, base / "lidb")):
+                       (IDENTITIES, base / "hyper_lora" / "identities"), (LIDB, base / "lidb"),
+                       (HDB, base / "hyperdreambooth")):
         folder_paths.add_model_folder_path(name, str(path), is_default=False)
         folder_paths.folder_names_and_paths[name] = (folder_paths.folder_names_and_paths[name][0], {".safetensors"}
-                                                     if name in (IDENTITIES, LIDB) else set())
+                                                     if name in (IDENTITIES, LIDB, HDB) else set())
 
 
 def _roots(kind: str) -> list[Path]:
@@ -168,6 +170,21 @@ def lidbs() -> list[str]:
 def check_lidb(name: str) -> bool | str:
     return check_choice("lidb", name, lidbs(), "Load LiDB",
                         "save one with Save LiDB (HyperLoRA Refine in mode lidb makes one; it writes to models/lidb).")
+
+
+def hdbs() -> list[str]:
+    return folder_paths.get_filename_list(HDB)
+
+
+def check_hdb(name: str) -> bool | str:
+    return check_choice("hdb", name, hdbs(), "Load HyperDreamBooth",
+                        "train and export one (python -m hyperlora_core.train run ... --export) into "
+                        f"{_first_folder(HDB)}/; no released HyperDreamBooth weights exist.")
+
+
+def hdb_path(name: str) -> Path:
+    """The HyperDreamBooth file ``name``; refused when two hyperdreambooth folders hold different files of it."""
+    return _unique_file(HDB, name, "HyperDreamBooth network", "models/hyperdreambooth", "two hyperdreambooth folders")
 
 
 def identity_path(name: str) -> Path:

@@ -52,7 +52,8 @@ class HyperLoRARefine(io.ComfyNode):
                         "prediction and/or a LiDB (HyperDreamBooth-style); mode lidb can also start from zero. The "
                         "incoming MODEL is never changed.",
             inputs=[
-                io.Model.Input("model", tooltip="The SDXL model to fine-tune against (it is not changed)."),
+                io.Model.Input("model", tooltip="The model to fine-tune against, of the HyperLoRA's family (it is "
+                                                "not changed)."),
                 io.Vae.Input("vae", tooltip="The model's VAE: it encodes the reference photos into latents."),
                 io.Conditioning.Input("positive", tooltip="The training prompt (CLIP Text Encode); it should contain "
                                                           "the trigger words 'fcsks fxhks fhyks'."),

@@ -54,7 +54,8 @@ class ConceptSlider(io.ComfyNode):
                 io.Image.Input("end_image", optional=True, tooltip="Photo(s) of the end of the slider."),
                 IdentityType.Input("start_identity", optional=True, tooltip="Instead of start_image."),
                 IdentityType.Input("end_identity", optional=True, tooltip="Instead of end_image."),
-                io.Model.Input("model", optional=True, tooltip="An SDXL model to apply the slider to."),
+                io.Model.Input("model", optional=True,
+                               tooltip="A model to apply the slider to (of the family the HyperLoRA was made for)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the slider (if one was given)."),
                      io.LoraModel.Output(display_name="lora", tooltip="The slider as a LoRA.")],
@@ -65,9 +66,10 @@ class ConceptSlider(io.ComfyNode):
                 end_identity=None, model=None) -> io.NodeOutput:
         start = _identity(hyper_lora, start_image, start_identity, "start")
         end = _identity(hyper_lora, end_image, end_identity, "end")
+        if model is not None:
+            check_model(model, hyper_lora.core.targets)
         lora = slider_lora(hyper_lora, start, end, mode, strength)
         if model is not None:
-            check_model(model, lora)
             strength_model = 1.0 if mode == "weight" else COEFFICIENT_WEIGHT  # weight mode folds s into the LoRA
             model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength_model, 0.0)
         return io.NodeOutput(model, lora)

@@ -8,11 +8,22 @@ from comfy_api.latest import io
 
 from ..hyperlora_core import Identity, save_lora
 from ..hyperlora_core.config import TRIGGER_WORDS
+from ..hyperlora_core.lora_io import KeyFormat
 from . import folders
-from .apply import lora_dtype, make_lora
+from .apply import check_model, lora_dtype, make_lora
+from .targets import file_keys
 from .types import CATEGORY, HyperLoRAType, IdentityType
 
 log = logging.getLogger(__name__)
+
+
+def lora_file_naming(handle, model=None) -> KeyFormat:
+    """The key naming of a saved LoRA: the convention ``model``'s family uses, read from its LoRA key map (after
+    checking the model fits), else kohya's ``lora_unet_<path>``, which ComfyUI maps for every family."""
+    if model is None:
+        return "kohya"
+    check_model(model, handle.core.targets)
+    return file_keys(model, handle.core.targets)
 
 
 class SaveHyperLoRA(io.ComfyNode):
@@ -23,21 +34,27 @@ class SaveHyperLoRA(io.ComfyNode):
             display_name="Save HyperLoRA as LoRA",
             category=CATEGORY,
             description="Writes the identity as a normal LoRA file into models/loras, with kohya keys: ComfyUI's "
-                        "Load LoRA, A1111/Forge and kohya's scripts load it.",
+                        "Load LoRA, A1111/Forge and kohya's scripts load it. Connect the model to name the keys as "
+                        "its family's LoRAs name them.",
             inputs=[
                 HyperLoRAType.Input("hyper_lora", tooltip="The HyperLoRA that made the identity."),
                 IdentityType.Input("identity", tooltip="The identity to save."),
                 io.String.Input("filename_prefix", default="hyperlora/identity",
                                 tooltip="File name (and sub-folder) under models/loras; a number is appended."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the model the LoRA is for. Its LoRA key map names the file's keys "
+                                       "in its family's convention, and a model of another family is refused. "
+                                       "Without it: kohya keys (lora_unet_...), which ComfyUI loads for every "
+                                       "family."),
             ],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The saved file, as Load LoRA lists it.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, hyper_lora, identity, filename_prefix) -> io.NodeOutput:
+    def execute(cls, hyper_lora, identity, filename_prefix, model=None) -> io.NodeOutput:
         target = folders.save_target("loras", filename_prefix)
-        lora = make_lora(hyper_lora, identity, "id", key_format="kohya")
+        lora = make_lora(hyper_lora, identity, "id", key_format=lora_file_naming(hyper_lora, model))
         save_lora(lora, target, dtype=lora_dtype(hyper_lora),
                   metadata={"hyperlora_fingerprint": hyper_lora.core.fingerprint,
                             "hyperlora_trigger_words": TRIGGER_WORDS})

@@ -237,9 +237,9 @@ def _start(model, handle, identity, start: LiDB | None):
     if identity is not None:
         if handle is None:
             raise RefineInputError("identity is connected but hyper_lora is not: connect the HyperLoRA that made it")
+        check_model(model, handle.core.targets)  # before any mixing
         predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages
         handle.core.release_bases()  # leave as they are mixed; coefficients mode maps the bases it trains with
-        check_model(model, predicted)
     if start is not None:
         check_fits(start.targets, weight_shapes(model))
     return predicted

@@ -76,5 +76,5 @@ def test_loaded_identity_refused_by_another_checkpoint(tiny_factory, tmp_path):
 
 
 def test_bad_token_shape_is_refused():
-    with pytest.raises(IdentityFormatError, match=r"\[8 × 2 modules, K\]"):
+    with pytest.raises(IdentityFormatError, match=r"\[2 per target linear of 2 modules, K\]"):
         Identity(tokens=torch.zeros(15, 4), module_names=("a", "b"), fingerprint="x")

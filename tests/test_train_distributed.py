@@ -93,5 +93,5 @@ def test_training_moved_the_parameters(single):
     model = TrainConfig().replace(model=dict(k=16, id_rank=4, dim=32, depth=2, heads=2, dim_head=16, id_tokens=4,
                                              clip_dim=32, up_basis_std=0.01)).model
     denoiser = ToyDenoiser()
-    fresh = HyperNetwork(model, denoiser.targets, denoiser.unet).state_dict()
+    fresh = HyperNetwork(model, denoiser.targets).state_dict()
     assert _worst(fresh, single) > 1e-3

@@ -53,7 +53,7 @@ def staged(toy, tmp_path_factory):
 
 
 def _net(folder, denoiser) -> HyperNetwork:
-    net = HyperNetwork(TrainConfig().replace(model=MODEL).model, denoiser.targets, denoiser.unet)
+    net = HyperNetwork(TrainConfig().replace(model=MODEL).model, denoiser.targets)
     if folder is not None:
         net.load_state_dict(read_weights(folder))
     return net.eval()
@@ -91,8 +91,7 @@ def test_heldout_loss_drops_with_training(toy, staged):
 @pytest.mark.parametrize("up_std", [0.01, 0.3])
 def test_untrained_hypernetwork_fails(toy, staged, up_std):
     """The same test on fresh weights (the released init, and one with large random LoRAs) does not pass."""
-    net = HyperNetwork(TrainConfig().replace(model={**MODEL, "up_basis_std": up_std}).model, toy[0].targets,
-                       toy[0].unet).eval()
+    net = HyperNetwork(TrainConfig().replace(model={**MODEL, "up_basis_std": up_std}).model, toy[0].targets).eval()
     matrix = _matrix(net, toy, staged[1].config.stage)
     _show(f"untrained (up_basis_std {up_std}):\n{matrix}\ndiagonal smallest in {diagonal_wins(matrix)} of 8 rows")
     assert diagonal_wins(matrix) < 7

@@ -1,7 +1,7 @@
 """The trainer's ComfyUI backend: a base model loaded by ComfyUI's own loaders, used as a library.
 
 :class:`ComfyDenoiser` implements ``hyperlora_core.train.denoiser.Denoiser`` on a ComfyUI model: the targets are
-the attention linears under the names our Apply node patches (``diffusion_model.<sgm name>.to_q`` ...); the
+read from the model it loads (its family and attention linears, named as our Apply node patches them); the
 per-sample LoRA factors are added by forward hooks on those linears, so the frozen weights are never copied;
 noising and the loss follow the model's own ``model_sampling`` (the loss is the MSE of the model output: ε for
 eps models, v for v-prediction), as the refine node does. The text side (CLIP-L + CLIP-G for SDXL) is encoded
@@ -17,48 +17,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyperlora_core.topology import LINEARS, AttnModule, UNetSpec, comfy_key, sdxl_modules
+from hyperlora_core.target_scan import read_tree, scan_targets
+from hyperlora_core.targets import MODEL_PREFIX, TargetLayers
 from hyperlora_core.train.denoiser import Batch, Factors
+
+from .inplace import guard_inplace_streams
 
 CACHE_CAPTIONS = 4096  # distinct captions whose text encoding is kept
 
 
-def find_targets(diffusion_model: torch.nn.Module,
-                 ) -> tuple[tuple[AttnModule, ...], UNetSpec, dict[str, torch.nn.Module]]:
-    """The SDXL attention modules this UNet has (SGM order), their widths, and {comfy key: linear module}."""
+def describe(base_model, feed_forward: bool = False) -> TargetLayers:
+    """The target linears of a ComfyUI ``BaseModel``, read from the model itself (its module tree and ComfyUI's
+    LoRA key map; the family is its model_config's class name): the same description Apply checks a MODEL with.
+    ``feed_forward`` adds the feed-forward linears to the attention projections."""
+    import comfy.lora
+
+    return scan_targets(read_tree(base_model, comfy.lora.model_lora_keys_unet(base_model, {})),
+                        feed_forward=feed_forward)
+
+
+def find_targets(diffusion_model: torch.nn.Module, targets: TargetLayers) -> dict[str, torch.nn.Linear]:
+    """{target key: the linear module it names} (keys are ``diffusion_model.<path>``), sizes checked."""
     named = dict(diffusion_model.named_modules())
-    targets, linears = [], {}
-    for module in sdxl_modules():
-        if f"{module.sgm}.to_q" not in named:
-            continue
-        targets.append(module)
-        for linear, suffix, _ in LINEARS:
-            linears[comfy_key(module, linear)] = named[f"{module.sgm}.{suffix}"]
-    if not targets:
-        raise ValueError("the base model has none of the SDXL attention modules (input_blocks.4.1... attn1/attn2); "
-                         "HyperLoRA training targets SDXL-topology UNets")
-    widths = {}
-    context = None
-    for m in targets:
-        widths.setdefault(m.level, named[f"{m.sgm}.to_q"].in_features)
-        if m.cross and context is None:
-            context = named[f"{m.sgm}.to_k"].in_features
-    unet = UNetSpec(name="the base model", level_widths=(widths.get(0, widths.get(1)), widths.get(1, widths.get(0))),
-                    context_dim=context)
-    return tuple(targets), unet, linears
+    linears = {}
+    for lin in targets.linears:
+        module = named.get(lin.key.removeprefix(MODEL_PREFIX))
+        if not isinstance(module, torch.nn.Linear) or (module.in_features, module.out_features) != \
+                (lin.in_features, lin.out_features):
+            raise ValueError(f"the base model has no {lin.in_features} -> {lin.out_features} linear at {lin.key}")
+        linears[lin.key] = module
+    return linears
 
 
 class ComfyDenoiser:
-    """A frozen ComfyUI SDXL model (``ModelPatcher``) and its text encoder (``comfy.sd.CLIP``) as a Denoiser."""
+    """A frozen ComfyUI model (``ModelPatcher``) and its text encoder (``comfy.sd.CLIP``) as a Denoiser."""
 
-    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024) -> None:
+    def __init__(self, patcher, clip, *, device: torch.device | str = "cpu", resolution: int = 1024,
+                 feed_forward: bool = False) -> None:
         self.patcher, self.clip, self.resolution = patcher, clip, resolution
         self.model = patcher.model
         self.device = torch.device(device)
         self.model.to(self.device).requires_grad_(False).eval()
         self.sampling = self.model.model_sampling
         self.num_timesteps = len(self.sampling.sigmas)
-        self.targets, self.unet, linears = find_targets(self.model.diffusion_model)
+        self.targets = describe(self.model, feed_forward)  # family and linears from the model it loaded
+        linears = find_targets(self.model.diffusion_model, self.targets)
+        guard_inplace_streams(self.model.diffusion_model)  # Flux-style blocks add to their stream in place
         self.gradient_checkpointing = False  # recompute each UNet block's activations in backward (the trainer sets it)
         self.recomputed = 0  # block forwards run again in backward (shows the checkpointing works)
         self._lora: Factors | None = None
@@ -103,7 +107,8 @@ class ComfyDenoiser:
         return add_lora
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """{"c_crossattn": [b, 77, context], "y": [b, adm]} (SDXL's size conditioning at the training resolution)."""
+        """{"c_crossattn": [b, 77, context], "y": [b, adm] or None} (y: SDXL's size conditioning at the training
+        resolution; None for models without one, such as SD1.5)."""
         conds, ys = [], []
         for caption in captions:
             if caption not in self._captions:
@@ -114,18 +119,20 @@ class ComfyDenoiser:
                                               target_width=side, target_height=side)
                 if len(self._captions) >= CACHE_CAPTIONS:
                     self._captions.pop(next(iter(self._captions)))
-                self._captions[caption] = (cond.to(self.device), y.to(self.device))
+                self._captions[caption] = (cond.to(self.device), y.to(self.device) if y is not None else None)
             cond, y = self._captions[caption]
             conds.append(cond)
             ys.append(y)
-        return {"c_crossattn": torch.cat(conds), "y": torch.cat(ys)}
+        return {"c_crossattn": torch.cat(conds), "y": torch.cat(ys) if ys[0] is not None else None}
 
     def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sampling.sigmas.to(self.device)[t.to(self.device)]
 
-    def _out_scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        """d(denoised)/d(model output) per sample: dividing x0 errors by it gives the output-space error."""
-        ones = torch.ones((len(sigma), 1, 1, 1), device=sigma.device)
+    def _out_scale(self, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+        """d(denoised)/d(model output) per sample, shaped to broadcast over ``ndim``-d latents (4: images; 5: the
+        [b, c, t, h, w] latents of video-VAE families such as Qwen-Image): dividing x0 errors by it gives the
+        output-space error."""
+        ones = torch.ones((len(sigma),) + (1,) * (ndim - 1), device=sigma.device)
         return self.sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones)).abs()
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +142,7 @@ class ComfyDenoiser:
         sigma = self._sigma(t)
         clean = self.sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise),
                                             self.model.process_latent_in(x0), False)
-        return clean / self._out_scale(sigma)
+        return clean / self._out_scale(sigma, clean.ndim)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, context: dict[str, torch.Tensor],
                 lora: Factors | None) -> torch.Tensor:
@@ -145,7 +152,7 @@ class ComfyDenoiser:
             x0 = self.model.apply_model(x_t, sigma, c_crossattn=context["c_crossattn"], y=context["y"])
         finally:
             self._lora = None
-        return x0 / self._out_scale(sigma)
+        return x0 / self._out_scale(sigma, x0.ndim)
 
 
 def _square(image, side: int) -> torch.Tensor:
@@ -180,7 +187,7 @@ def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | 
 
 
 def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: str = "auto",
-                        resolution: int = 1024) -> tuple[ComfyDenoiser, object]:
+                        resolution: int = 1024, feed_forward: bool = False) -> tuple[ComfyDenoiser, object]:
     """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE)."""
     if comfyui:
         sys.path.insert(0, str(Path(comfyui)))
@@ -191,8 +198,8 @@ def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: 
                            "checkout (or put one on PYTHONPATH)") from exc
     path = Path(base_model)
     if not path.is_file():
-        raise FileNotFoundError(f"data.base_model '{path}' does not exist (an SDXL .safetensors checkpoint)")
+        raise FileNotFoundError(f"data.base_model '{path}' does not exist (a .safetensors checkpoint ComfyUI loads)")
     patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution), vae
+    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution, feed_forward=feed_forward), vae

@@ -35,7 +35,8 @@ def build_backend(config: TrainConfig):
 
     backend = importlib.import_module("train_comfy.backend")  # the host side: ComfyUI as a library
     denoiser, vae = backend.load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None,
-                                                device=config.run.device, resolution=data.resolution)
+                                                device=config.run.device, resolution=data.resolution,
+                                                feed_forward=data.feed_forward)
     clip = ClipVisionEncoder.from_folder(data.clip_vision, device=denoiser.device)
     encode = backend.shard_encoder(vae, clip, resolution=data.resolution, device=denoiser.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -121,7 +122,7 @@ def _export(trainer, folder: Path) -> None:
         save_hdb(net, folder, seed=trainer.config.lidb.seed)
         sys.stdout.write(f"exported {folder}\n")
     elif trainer.rank == 0:
-        net = HyperNetwork(trainer.config.model, trainer.denoiser.targets, trainer.denoiser.unet)
+        net = HyperNetwork(trainer.config.model, trainer.denoiser.targets)
         net.load_state_dict(weights, strict=True)
         export_checkpoint(net, folder, training={"step": trainer.step, "config": trainer.config.to_dict()})
         sys.stdout.write(f"exported {folder}\n")
@@ -133,7 +134,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
     from safetensors.torch import load_file
 
-    from ..topology import UNetSpec, resolve
+    from ..targets import TargetLayers
     from .export import export_checkpoint
     from .hypernet import HyperNetwork
 
@@ -142,9 +143,7 @@ def _export_cmd(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"'{step}' is not a training checkpoint (no state.json); give a step_<n> folder")
     state = json.loads((step / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
-    unet = state["unet"]
-    modules = [resolve(n) for n in state["targets"]]
-    spec = UNetSpec(unet["name"], tuple(unet["level_widths"]), unet["context_dim"])
+    targets = TargetLayers.from_json(state["targets"], str(step / "state.json"))
     weights = load_file(str(step / "weights.safetensors"))
     if not args.no_ema and (step / "ema.safetensors").exists():
         weights.update(load_file(str(step / "ema.safetensors")))
@@ -154,12 +153,12 @@ def _export_cmd(args: argparse.Namespace) -> int:
         from ..hdb.checkpoint import save_hdb
         from .stages import STAGES
 
-        net = STAGES[HDB].build(config, SimpleNamespace(targets=modules, unet=spec), init=False)
+        net = STAGES[HDB].build(config, SimpleNamespace(targets=targets), init=False)
         net.load_state_dict(weights, strict=True)
         save_hdb(net, args.out, seed=config.lidb.seed)
         sys.stdout.write(f"exported {args.out}\n")
         return 0
-    net = HyperNetwork(config.model, modules, spec)
+    net = HyperNetwork(config.model, targets)
     net.load_state_dict(weights, strict=True)
     export_checkpoint(net, args.out, training={"step": state["step"], "config": state["config"]})
     sys.stdout.write(f"exported {args.out}\n")

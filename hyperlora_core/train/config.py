@@ -178,6 +178,7 @@ class DataConfig:
     comfyui: str = ""  # comfy backend: a ComfyUI checkout to import comfy from ("" = already importable)
     clip_vision: str = ""  # comfy backend: CLIP ViT-L/14 vision folder or .safetensors (encodes the two crops)
     resolution: int = 1024  # training resolution in pixels (the comfy backend's latents are 1/8 of it)
+    feed_forward: bool = False  # comfy backend: also target the feed-forward linears (default: attention only)
     toy_identities: int = 8  # toy backend: number of synthetic identities
     toy_images: int = 12  # toy backend: training images per identity
     toy_pretrain: int = 300  # toy backend: generic denoising steps that make the frozen base model
@@ -190,6 +191,8 @@ class DataConfig:
                                    "shards) and data.clip_vision (CLIP ViT-L/14) are required with backend 'comfy'")
         _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images,
                   toy_pretrain=self.toy_pretrain, validation_samples=self.validation_samples)
+        if not isinstance(self.feed_forward, bool):
+            raise TrainConfigError(f"data.feed_forward must be true or false, got {self.feed_forward!r}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..topology import AttnModule, UNetSpec
+from ..targets import TargetLayers
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # comfy key -> (down [b, r, i], up [b, o, r]); delta up@down
 
@@ -24,8 +24,7 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # comfy key -> (down [b,
 class Denoiser(Protocol):
     """A frozen base model the hypernetwork's LoRAs are trained on."""
 
-    targets: tuple[AttnModule, ...]  # the target attention modules, in the hypernetwork's (token) order
-    unet: UNetSpec  # their widths
+    targets: TargetLayers  # the linears the LoRAs adapt (keys, sizes, family), in the hypernetwork's token order
     num_timesteps: int  # discrete training timesteps
 
     def encode_text(self, captions: Sequence[str]) -> object: ...  # frozen text conditioning, opaque to the trainer

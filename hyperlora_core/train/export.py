@@ -15,15 +15,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import DEFAULT_DIM_HEAD, MODULES_JSON
-from ..topology import LINEARS
+from ..targets import TargetLayers, released_json
 from .hypernet import BasisStack, HyperNetwork
 
-NAMING = "kohya_diffusers"  # the module naming written to the json
+NAMING = "kohya_diffusers"  # the module naming of a released-style json
 
 
-def _basis_tensors(stack: BasisStack, kind: str) -> dict[str, torch.Tensor]:
-    return {f"{s.module}.{LINEARS[s.linear][0]}.{kind}_{'down' if s.side == 0 else 'up'}_basis": stack.tensor(s)
-            for s in stack.slots}
+def _basis_tensors(stack: BasisStack) -> dict[str, torch.Tensor]:
+    return {s.key: stack.tensor(s) for s in stack.slots}
+
+
+def module_json(targets: TargetLayers) -> dict[str, object]:
+    """The module list of an export: released-style where the targets are SDXL's attention modules (the official
+    loader and older versions read it), else the extended form that describes every linear and the family."""
+    released = released_json(targets, NAMING)
+    return released if released is not None else targets.to_json()
 
 
 def export_checkpoint(net: HyperNetwork, folder: str | Path, *, dtype: torch.dtype = torch.float16,
@@ -31,19 +37,16 @@ def export_checkpoint(net: HyperNetwork, folder: str | Path, *, dtype: torch.dty
     """Write ``net`` as a released-format checkpoint folder; ``training`` (config, step) goes beside it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = net.unet
-    table = {m.name(NAMING): {"hidden_size": m.hidden(unet), "cross_attention_dim": unet.context_dim if m.cross
-                              else None} for m in net.modules_}
-    (folder / MODULES_JSON).write_text(json.dumps(table, indent=2))
+    (folder / MODULES_JSON).write_text(json.dumps(module_json(net.targets), indent=2))
 
     def save(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str] | None = None) -> None:
         out = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
         save_file(out, str(folder / name), metadata=metadata)
 
     told = {"dim_head": str(net.config.dim_head)} if net.config.dim_head != DEFAULT_DIM_HEAD else None
-    basis = _basis_tensors(net.id_bases, "id")
+    basis = _basis_tensors(net.id_bases)
     if net.base_bases is not None:
-        basis.update(_basis_tensors(net.base_bases, "base"))
+        basis.update(_basis_tensors(net.base_bases))
     save(basis, "hyper_lora_modules.safetensors")
     save(net.resampler.state_dict(), "resampler.safetensors", told)
     save(net.id_projector.state_dict(), "id_projector.safetensors")
@@ -63,10 +66,10 @@ def import_checkpoint(net: HyperNetwork, folder: str | Path) -> HyperNetwork:
         net.base_resampler.load_state_dict(_read(folder / "base_resampler.safetensors"), strict=True)
     basis = _read(folder / "hyper_lora_modules.safetensors")
     with torch.no_grad():
-        for stack, kind in ((net.id_bases, "id"), (net.base_bases, "base")):
+        for stack in (net.id_bases, net.base_bases):
             if stack is None:
                 continue
-            for key, slot in zip(_basis_tensors(stack, kind), stack.slots, strict=True):
+            for key, slot in zip(_basis_tensors(stack), stack.slots, strict=True):
                 if key not in basis:
                     raise KeyError(f"'{folder / 'hyper_lora_modules.safetensors'}' lacks {key!r}")
                 stack.groups[slot.group][slot.row].copy_(basis[key])

@@ -33,8 +33,7 @@ import torch
 from ..errors import HyperLoRAError
 from ..hdb.network import HyperDreamBooth
 from ..lidb import LiDB, LidbAux
-from ..targets import TargetLayers, TargetLinear, TargetModule
-from ..topology import LINEARS, comfy_key
+from ..targets import TargetLayers
 from .denoiser import Batch, Denoiser, Factors
 
 if TYPE_CHECKING:
@@ -49,13 +48,8 @@ class SupervisionError(HyperLoRAError, ValueError):
 
 
 def target_layers(denoiser: Denoiser) -> TargetLayers:
-    """The linears the denoiser's LoRA factors address (its ``target_layers``, or the SDXL-named attention linears
-    of its ``targets``), keyed as ``Factors`` are."""
-    if hasattr(denoiser, "target_layers"):
-        return denoiser.target_layers
-    modules = tuple(TargetModule(m.sgm, tuple(TargetLinear(comfy_key(m, linear), *m.linear_shape(linear, denoiser.unet))
-                                              for linear, _, _ in LINEARS)) for m in denoiser.targets)
-    return TargetLayers(denoiser.unet.name, modules)
+    """The linears the denoiser's LoRA factors address, keyed as ``Factors`` are: its ``targets``."""
+    return denoiser.targets
 
 
 @lru_cache(maxsize=4)

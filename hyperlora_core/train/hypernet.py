@@ -16,17 +16,16 @@ Letters: ``b`` samples, ``q`` tokens, ``j`` stacked basis members, ``k`` basis s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..basis import mix_bases, token_index
+from ..basis import mix_bases
 from ..config import IdProjectorConfig, ResamplerConfig
 from ..lora_io import lora_pair
 from ..resampler import IdProjector, Resampler, normalize_tokens
-from ..topology import LINEARS, TOKENS_PER_MODULE, AttnModule, UNetSpec, comfy_key
+from ..targets import TargetLayers, basis_keys, basis_layout, token_index
 from .config import ModelConfig
 from .denoiser import Factors
 
@@ -38,9 +37,9 @@ CLIP_PATH = ("proj_in_2", "attn3", "norm_attn3_l", "norm_attn3_y")
 class Slot:
     """Where one basis tensor lives in its stacked group."""
 
-    module: int  # index in the module list (= token order)
-    linear: int  # 0..3: q, k, v, out
+    linear: int  # index of the target linear (token order)
     side: int  # 0 down, 1 up
+    key: str  # its key in hyper_lora_modules.safetensors
     group: str  # name of the stacked parameter
     row: int  # index along its first axis
 
@@ -48,47 +47,47 @@ class Slot:
 class BasisStack(nn.Module):
     """All bases of one kind, stacked by shape: ``groups[name]`` is ``[j, k, a, c]``."""
 
-    def __init__(self, modules: Sequence[AttnModule], unet: UNetSpec, k: int, rank: int, *, up_std: float,
+    def __init__(self, targets: TargetLayers, kind: str, k: int, rank: int, *, up_std: float,
                  generator: torch.Generator) -> None:
         super().__init__()
         self.slots: list[Slot] = []
         shapes: dict[str, tuple[int, int, int]] = {}
         rows: dict[str, int] = {}
-        for i, module in enumerate(modules):
-            for j, (linear, _, _) in enumerate(LINEARS):
-                fan_in, fan_out = module.linear_shape(linear, unet)
-                for side, (a, c) in enumerate(((fan_in, rank), (rank, fan_out))):
-                    name = f"{'down' if side == 0 else 'up'}_{a}x{c}"
-                    shapes[name] = (k, a, c)
-                    self.slots.append(Slot(i, j, side, name, rows.get(name, 0)))
-                    rows[name] = rows.get(name, 0) + 1
+        linears = targets.linears
+        for token, key in enumerate(basis_keys(basis_layout(targets), kind)):
+            i, side = divmod(token, 2)
+            a, c = (linears[i].in_features, rank) if side == 0 else (rank, linears[i].out_features)
+            name = f"{'down' if side == 0 else 'up'}_{a}x{c}"
+            shapes[name] = (k, a, c)
+            self.slots.append(Slot(i, side, key, name, rows.get(name, 0)))
+            rows[name] = rows.get(name, 0) + 1
         self.groups = nn.ParameterDict()
         for name, (kk, a, c) in shapes.items():
             std = a ** -0.5 if name.startswith("down") else up_std
             self.groups[name] = nn.Parameter(torch.randn(rows[name], kk, a, c, generator=generator) * std)
         for name in self.groups:  # token of every row, in row order
-            index = [token_index(s.module, s.linear, s.side) for s in self.slots if s.group == name]
+            index = [token_index(s.linear, s.side) for s in self.slots if s.group == name]
             self.register_buffer(f"tokens_{name}", torch.tensor(index), persistent=False)
 
-    def mix(self, tokens: torch.Tensor) -> dict[tuple[int, int, int], torch.Tensor]:
-        """tokens [b, q, k] -> {(module, linear, side): mixed [b, a, c]} through the core's mix_bases."""
+    def mix(self, tokens: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+        """tokens [b, q, k] -> {(linear, side): mixed [b, a, c]} through the core's mix_bases."""
         mixed = {name: mix_bases(tokens[:, getattr(self, f"tokens_{name}")], group)
                  for name, group in self.groups.items()}
-        return {(s.module, s.linear, s.side): mixed[s.group][:, s.row] for s in self.slots}
+        return {(s.linear, s.side): mixed[s.group][:, s.row] for s in self.slots}
 
     def tensor(self, slot: Slot) -> torch.Tensor:
         return self.groups[slot.group][slot.row]
 
 
 class HyperNetwork(nn.Module):
-    """Resampler(s), ID projector and bases for the target ``modules`` of a UNet with widths ``unet``."""
+    """Resampler(s), ID projector and bases for the target linears ``targets`` of a base model."""
 
-    def __init__(self, config: ModelConfig, modules: Sequence[AttnModule], unet: UNetSpec) -> None:
+    def __init__(self, config: ModelConfig, targets: TargetLayers) -> None:
         super().__init__()
-        self.config, self.modules_, self.unet = config, tuple(modules), unet
+        self.config, self.targets = config, targets
         g = torch.Generator().manual_seed(config.init_seed)
         common = dict(dim=config.dim, depth=config.depth, heads=config.heads, dim_head=config.dim_head,
-                      num_queries=TOKENS_PER_MODULE * len(modules), out_dim=config.k,
+                      num_queries=targets.token_count, out_dim=config.k,
                       ff_inner=config.ff_mult * config.dim)
         self.resampler_config = ResamplerConfig(x_dim=config.dim, y_dim=config.clip_dim, **common)
         self.projector_config = IdProjectorConfig(embed_dim=config.embed_dim, num_tokens=config.id_tokens,
@@ -103,8 +102,8 @@ class HyperNetwork(nn.Module):
                 nn.init.normal_(resampler.latents, std=config.dim ** -0.5)
             for layer in self.resampler.layers:  # the x path joins in stage 3 as a no-op, then learns
                 nn.init.zeros_(layer.attn2.to_out[0].weight)
-        self.id_bases = BasisStack(modules, unet, config.k, config.id_rank, up_std=config.up_basis_std, generator=g)
-        self.base_bases = BasisStack(modules, unet, config.k, config.base_rank, up_std=config.up_basis_std,
+        self.id_bases = BasisStack(targets, "id", config.k, config.id_rank, up_std=config.up_basis_std, generator=g)
+        self.base_bases = BasisStack(targets, "base", config.k, config.base_rank, up_std=config.up_basis_std,
                                      generator=g) if config.base else None
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
@@ -132,10 +131,9 @@ class HyperNetwork(nn.Module):
         stack = self.id_bases if kind == "id" else self.base_bases
         mixed = stack.mix(tokens)
         out: Factors = {}
-        for i, module in enumerate(self.modules_):
-            for j, (linear, _, _) in enumerate(LINEARS):
-                down, up, alpha = lora_pair(mixed[(i, j, 0)], mixed[(i, j, 1)])
-                out[comfy_key(module, linear)] = (down, up * (alpha / down.shape[-2]))
+        for i, linear in enumerate(self.targets.linears):
+            down, up, alpha = lora_pair(mixed[(i, 0)], mixed[(i, 1)])
+            out[linear.key] = (down, up * (alpha / down.shape[-2]))
         return out
 
     def forward(self, clip: torch.Tensor | None, arcface: torch.Tensor | None, base_clip: torch.Tensor | None,

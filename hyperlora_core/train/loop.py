@@ -226,11 +226,9 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp / "optimizer.safetensors"))
             if ema is not None:
                 save_file(ema, str(tmp / "ema.safetensors"))
-            unet = self.denoiser.unet
             (tmp / STATE_FILE).write_text(json.dumps({
                 "step": self.step, "config": self.config.to_dict(), "param_groups": groups,
-                "targets": [m.sgm for m in self.denoiser.targets],
-                "unet": {"name": unet.name, "level_widths": list(unet.level_widths), "context_dim": unet.context_dim},
+                "targets": self.denoiser.targets.to_json(),
             }, indent=1))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)

@@ -44,7 +44,7 @@ class Stage:
     id_lora: bool  # the ID-LoRA is predicted (stages 2, 3) or not (stage 1)
 
     def build(self, config: TrainConfig, denoiser: Denoiser, *, init: bool = True) -> HyperNetwork:
-        return HyperNetwork(config.model, denoiser.targets, denoiser.unet)
+        return HyperNetwork(config.model, denoiser.targets)
 
     def loss(self, config: TrainConfig, net: torch.nn.Module, denoiser: Denoiser, batch: Batch, draws: Draws,
              ) -> tuple[torch.Tensor, dict[str, float]]:

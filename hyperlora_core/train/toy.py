@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..synthetic import TINY_UNET
+from ..targets import released_target_layers
 from ..topology import LINEARS, AttnModule, comfy_key, sdxl_modules
 from .denoiser import Batch, Factors, lora_linear
 
@@ -81,7 +82,7 @@ class ToyDenoiser(nn.Module):
     def __init__(self, channels: int = 8, side: int = 4, seed: int = 0) -> None:
         super().__init__()
         self.unet = TINY_UNET
-        self.targets = toy_modules()
+        self.targets = released_target_layers(toy_modules(), TINY_UNET)  # its own: 6 SDXL-named modules
         w0, w1 = self.unet.level_widths
         ctx = self.unet.context_dim
         self.gradient_checkpointing = False

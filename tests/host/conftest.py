@@ -78,6 +78,23 @@ class ServerRoot:
         return [self.models / "hyper_lora" / "identities", self.root / "extra_models" / "identities"]
 
 
+def write_tiny_hdb(path: Path, targets, *, seed: int = 5) -> Path:
+    """A tiny random HyperDreamBooth file (the core's own save_hdb) predicting LiDBs for ``targets``; its delta
+    layer is randomised, since a fresh network's is zero and its prediction would not depend on the face."""
+    import torch
+
+    from hyperlora_core.hdb.checkpoint import save_hdb
+    from hyperlora_core.hdb.config import HdbConfig
+    from hyperlora_core.hdb.network import HyperDreamBooth
+
+    net = HyperDreamBooth(HdbConfig(encoder_width=32, encoder_layers=2, encoder_heads=4, patch_size=14,
+                                    image_size=28, dim=16, depth=1, heads=2, iterations=2), targets, a=4, c=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(net.delta[1].weight, std=0.5, generator=torch.Generator().manual_seed(3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_hdb(net, path, seed=seed, dtype=torch.float32)
+
+
 def build_root(root: Path, clip_folder: Path) -> Path:
     """models/ (hyper_lora checkpoints + shared CLIP, insightface doubles) and custom_nodes/ (both packs)."""
     from face_doubles import write_antelopev2
@@ -93,6 +110,9 @@ def build_root(root: Path, clip_folder: Path) -> Path:
     basis = hyper / "tiny_corrupt" / "hyper_lora_modules.safetensors"
     basis.write_bytes(basis.read_bytes()[: basis.stat().st_size // 2])  # an interrupted download
     write_antelopev2(root / "models" / "insightface" / "models" / "antelopev2")
+    from hyperlora_core.targets import sdxl_target_layers
+
+    write_tiny_hdb(root / "models" / "hyperdreambooth" / "tiny.safetensors", sdxl_target_layers(HOST_UNET))
     extra = root / "extra_models"  # a second identities folder, as extra_model_paths.yaml adds one; listed after
     (extra / "identities").mkdir(parents=True)  # the default, so that saves still go to models/hyper_lora/identities
     (root / "extra_model_paths.yaml").write_text(

@@ -26,6 +26,9 @@ CONTRACT = {
                         "lidb", "lidb_a", "lidb_b"],
     "SaveLiDB": ["lidb", "filename_prefix", "storage"],
     "LoadLiDB": ["lidb"],
+    "LoadHyperDreamBooth": ["hdb"],
+    "HyperDreamBoothFromImage": ["hdb", "image", "face_analyzer", "provider", "remove_background", "face_index",
+                                 "on_failure"],
 }
 
 

@@ -29,10 +29,13 @@ def backend(comfy):
 
 
 def test_targets_are_the_140_sdxl_modules(backend):
+    """Read from the model: its family and SDXL's 140 attention modules at the tiny widths, in SGM order."""
+    from hyperlora_core.targets import released_target_layers
+    from hyperlora_core.topology import sdxl_modules
+
     _, denoiser = backend
-    assert len(denoiser.targets) == 140
-    assert denoiser.unet.level_widths == tiny.host_unet().level_widths
-    assert denoiser.unet.context_dim == tiny.host_unet().context_dim
+    assert denoiser.targets == released_target_layers(sdxl_modules(), tiny.host_unet())
+    assert denoiser.targets.family == "SDXL"
 
 
 @pytest.fixture(scope="module")

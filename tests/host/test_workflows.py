@@ -30,10 +30,12 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 MODEL_FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("ControlNetLoader", "control_net_name"),
                      ("LoadImage", "image"), ("LoadHyperLoRA", "checkpoint"), ("LoadHyperLoRA", "face_analyzer"),
-                     ("CLIPVisionLoader", "clip_name"), ("LoadHyperLoRAIdentity", "identity")}
-# where the Note must send each model (always the first three), and which loader needs which folder
+                     ("CLIPVisionLoader", "clip_name"), ("LoadHyperLoRAIdentity", "identity"),
+                     ("LoadHyperDreamBooth", "hdb"), ("HyperDreamBoothFromImage", "face_analyzer")}
+# where the Note must send each model (the first three with the HyperLoRA loader), and which node needs which folder
 ALWAYS = ("models/hyper_lora/", "models/hyper_lora/clip_vit/clip_vit_large_14", "models/insightface/models/antelopev2")
-FOLDER_OF = {"CheckpointLoaderSimple": "models/checkpoints", "ControlNetLoader": "models/controlnet"}
+FOLDER_OF = {"CheckpointLoaderSimple": "models/checkpoints", "ControlNetLoader": "models/controlnet",
+             "LoadHyperDreamBooth": "models/hyperdreambooth", "HyperDreamBoothFromImage": ALWAYS[2]}
 COUNTS = {"validated": 0, "same graph": 0, "run": 0, "clip skip": 0}
 
 
@@ -185,7 +187,8 @@ def graph_problems(ui: dict, object_info: dict) -> list[str]:
 def note_problems(ui: dict) -> list[str]:
     notes = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     types = {n["type"] for n in ui["nodes"]}
-    needed = [*ALWAYS, TRIGGER, *(FOLDER_OF[t] for t in sorted(types & FOLDER_OF.keys()))]
+    needed = [*(ALWAYS if "LoadHyperLoRA" in types else ()), TRIGGER,
+              *(FOLDER_OF[t] for t in sorted(types & FOLDER_OF.keys()))]
     if not any(all(want in text for want in needed) for text in notes):
         return [f"no Note names all of {needed}"]
     prompts = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CLIPTextEncode"]
@@ -245,6 +248,10 @@ def for_tiny_models(prompt: dict, *, keep_photos: bool = False) -> dict:
             prompt[node_id] = {"class_type": "HLTestTinyControlNet", "inputs": {"seed": 0}}
         elif kind == "LoadHyperLoRA":
             inputs.update(checkpoint="tiny_a", face_analyzer=ANALYZER, provider="cpu", dtype="fp32")
+        elif kind == "LoadHyperDreamBooth":
+            inputs.update(hdb="tiny.safetensors")
+        elif kind == "HyperDreamBoothFromImage":
+            inputs.update(provider="cpu")
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         elif kind == "KSampler":

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # run as a script: the core's constants (download
 
 from hyperlora_core.doctor import COMMAND as DOCTOR_COMMAND  # noqa: E402
 from hyperlora_core.refine import RefineConfig  # noqa: E402
-from hyperlora_core.sources import SOURCES  # noqa: E402
+from hyperlora_core.sources import ANTELOPEV2, SOURCES  # noqa: E402
 
 REFINE = RefineConfig()  # the refine node's defaults
 
@@ -29,7 +29,8 @@ CONTROL = "control_after_generate"  # frontend-only widget after a seed: not in 
 UPLOAD = "upload"  # LoadImage's frontend-only upload button ("image")
 FRONTEND_ONLY = {CONTROL, UPLOAD}
 OURS = {"LoadHyperLoRA", "HyperLoRAFromImage", "ApplyHyperLoRA", "ConceptSlider", "HyperLoRAToLoRA", "SaveHyperLoRA",
-        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine", "SaveLiDB", "LoadLiDB"}
+        "SaveHyperLoRAIdentity", "LoadHyperLoRAIdentity", "HyperLoRAHook", "HyperLoRARefine", "SaveLiDB", "LoadLiDB",
+        "LoadHyperDreamBooth", "HyperDreamBoothFromImage"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ SPECS = {
                           "identity:HYPER_LORA_IDENTITY lora:LORA_MODEL loss_curve:IMAGE lidb:LIDB"),
     "SaveLiDB": _s("Save LiDB", "lidb:LIDB", "filename_prefix storage", "lidb_name:STRING"),
     "LoadLiDB": _s("Load LiDB", "", "lidb", "lidb:LIDB lora:LORA_MODEL"),
+    "LoadHyperDreamBooth": _s("Load HyperDreamBooth", "", "hdb", "hdb:HYPER_DREAMBOOTH"),
+    "HyperDreamBoothFromImage": _s("HyperDreamBooth Identity from Image", "hdb:HYPER_DREAMBOOTH image:IMAGE",
+                                   "face_analyzer provider remove_background face_index on_failure",
+                                   "lidb:LIDB lora:LORA_MODEL face_crops:IMAGE"),
     "LoraModelLoader": _s("Load LoRA Model", "model:MODEL lora:LORA_MODEL", "strength_model", "MODEL:MODEL"),
     "SaveLoRANode": _s("Save LoRA Weights", "lora:LORA_MODEL steps?:INT", "prefix"),
     "Note": _s("Note", "", "text"),
@@ -542,13 +547,46 @@ def lidb() -> Workflow:
     return w
 
 
-WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora, refine, lidb)
+def hyperdreambooth() -> Workflow:
+    w = Workflow("HyperDreamBooth identity from one photo", "A LiDB predicted from one photo (~120 KB)",
+                 "Your own HyperDreamBooth network: photo -> LiDB -> LoRA at 1.0, saved to models/lidb")
+    w.note("\n".join([
+        "HyperDreamBooth: a hypernetwork predicts the person's LiDB (a + b numbers per layer) from one photo; its "
+        "rank-1 LoRA is loaded at 1.0. No released HyperDreamBooth weights exist: train and export your own "
+        "(README, HyperDreamBooth) into models/hyperdreambooth/my_hdb.safetensors.", "",
+        "Models (download them, put them here, then press R to refresh the lists):",
+        f"- {ANTELOPEV2.line()}", SDXL, "",
+        f"The prompt should contain the words the network was trained with (here {TRIGGER}). Save LiDB keeps the "
+        "prediction in models/lidb/; HyperLoRA Refine's lidb input can fine-tune it further."]), (0, -340))
+    hdb = w.add("LoadHyperDreamBooth", (0, 0), hdb="my_hdb.safetensors")
+    photo = w.add("LoadImage", (0, 120), title="Photo of the person", image="face.jpg", upload="image")
+    predicted = w.add("HyperDreamBoothFromImage", (360, 0), face_analyzer=ANALYZER, provider="auto",
+                      remove_background=True, face_index=-1, on_failure="error")
+    w.connect(hdb.out("hdb"), predicted, "hdb")
+    w.connect(photo.out("IMAGE"), predicted, "image")
+    crops = w.add("PreviewImage", (360, 300), title="Face crop", size=(320, 300))
+    w.connect(predicted.out("face_crops"), crops, "images")
+    saved = w.add("SaveLiDB", (360, 640), filename_prefix="lidb/my_identity", storage="fp16")
+    w.connect(predicted.out("lidb"), saved, "lidb")
+    ckpt = checkpoint(w, (760, 300))
+    pos, neg = prompts(w, ckpt, 1220, 0)
+    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
+    w.connect(ckpt.out("MODEL"), loaded, "model")
+    w.connect(predicted.out("lora"), loaded, "lora")
+    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
+                    "hyperlora/hyperdreambooth")
+    return w
+
+
+WORKFLOWS = (portrait, several_photos, controlnet, concept_slider, two_people, save_lora, refine, lidb,
+             hyperdreambooth)
 
 
 # -- thumbnails ---------------------------------------------------------------------------------------------------
 LINK_COLORS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "CONDITIONING": "#ffa931",
                "LATENT": "#ff9cf9", "IMAGE": "#64b5f6", "MASK": "#81c784", "CONTROL_NET": "#00d78d",
-               "HYPER_LORA": "#e57373", "HYPER_LORA_IDENTITY": "#4dd0e1", "HOOKS": "#aed581", "LIDB": "#f06292"}
+               "HYPER_LORA": "#e57373", "HYPER_LORA_IDENTITY": "#4dd0e1", "HOOKS": "#aed581", "LIDB": "#f06292",
+               "HYPER_DREAMBOOTH": "#ba68c8"}
 
 
 def thumbnail(w: Workflow, path: Path, size=(512, 384)) -> None:

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 _TESTS = str(Path(__file__).resolve().parents[2])  # tests/, for face_doubles
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
+_ROOT = str(Path(__file__).resolve().parents[3])  # the repository, for hyperlora_core (appended: ComfyUI's own
+for _path in (_TESTS, _ROOT):  # modules, e.g. its nodes.py, keep their names)
+    if _path not in sys.path:
+        sys.path.append(_path)
 
-from . import faults, tiny  # noqa: E402
+from . import families, faults, tiny  # noqa: E402
 
 SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the random weights / pixels"})
 
@@ -254,4 +256,5 @@ class HLTestHyperLoRAState:
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     HLTestTinySDXL, HLTestTinySD15, HLTestTinyCLIP, HLTestTinyVAE, HLTestTinyControlNet, HLTestFaceImage,
-    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels, HLTestHyperLoRAState)} | faults.NODE_CLASS_MAPPINGS
+    HLTestDumpWeights, HLTestRecordWeights, HLTestLoadedModels, HLTestHyperLoRAState)}
+NODE_CLASS_MAPPINGS |= faults.NODE_CLASS_MAPPINGS | families.NODE_CLASS_MAPPINGS

@@ -17,6 +17,7 @@ by reference, are not counted); the figure is the largest of the steps.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -44,6 +45,14 @@ def comfy_modules(comfyui: str, device: str):
     import comfy.supported_models
 
     return comfy
+
+
+def pack_handle():
+    """This checkout's nodes/handle.py (the HYPER_LORA handle and its memory helpers)."""
+    pack_modules()
+    from hlpack.nodes import handle
+
+    return handle
 
 
 def pack_modules():
@@ -115,6 +124,73 @@ def predicted_identity(hl, photos: int = 1, seed: int = 0):
                                id_embeds=torch.nn.functional.normalize(torch.randn(photos, 512, generator=g), dim=-1))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_free() -> int:
+    """Bytes glibc's heap holds free (not given back to the system); 0 where that cannot be read."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = _MallInfo2
+    return int(fn().fordblks)
+
+
+def rss_now() -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes of this process."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["RssAnon"].split()[0]) * 1024, int(status["RssFile"].split()[0]) * 1024
+
+
+class Timeline:
+    """RSS sampled every ``every`` seconds in a thread; for each phase (set by ``phase = ...``) the highest
+    anonymous + file-backed RSS and, at that moment, each part and glibc's free heap bytes."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        self.phase, self.peaks, self.order = "setup", {}, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        anon, file = rss_now()
+        phase = self.phase
+        if phase not in self.order:
+            self.order.append(phase)
+        if anon + file > self.peaks.get(phase, {}).get("rss", -1):
+            self.peaks[phase] = {"rss": anon + file, "anon": anon, "file": file, "heap_free": heap_free()}
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.sample()
+
+    def set(self, phase: str) -> None:
+        self.sample()
+        if phase != self.phase:
+            anon, file = rss_now()
+            sys.stderr.write(f"  [{time.strftime('%H:%M:%S')}] {phase}: RSS now {anon / 2**30:.2f} GiB anonymous + "
+                             f"{file / 2**30:.2f} GiB file-backed\n")
+        self.phase = phase
+        self.sample()
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return [dict(phase=p, **self.peaks[p]) for p in self.order]
+
+
+def phase_table(phases: list[dict]) -> str:
+    gib = 2 ** 30
+    lines = [f"  {'phase':<28}{'peak RSS':>10}{'anon':>8}{'file':>8}{'heap free':>11}"]
+    lines += [f"  {p['phase']:<28}{p['rss'] / gib:>10.2f}{p['anon'] / gib:>8.2f}{p['file'] / gib:>8.2f}"
+              f"{p['heap_free'] / gib:>11.2f}" for p in phases]
+    return "\n".join(lines) + "  (GiB)\n"
+
+
 class SavedBytes:
     """Bytes saved for backward per step (autograd saved-tensor hooks), deduplicated by storage, without the
     storages in ``skip`` (the model's own weights, saved by reference)."""
@@ -135,14 +211,48 @@ class SavedBytes:
         self.seen, self.current = set(), 0
 
 
+def _phases(training, model, timeline: Timeline | None, ends: list[float]) -> list:
+    """Marks the timeline's phases: the prediction (mixing), loading, and each step's forward and backward.
+    Returns what ``_unmark`` undoes."""
+    if timeline is None:
+        return []
+    make_lora = training.make_lora
+
+    def marked(*args, **kwargs):
+        timeline.set("prediction (mix)")
+        try:
+            return make_lora(*args, **kwargs)
+        finally:
+            timeline.set("load, encode")
+
+    training.make_lora = marked
+    unet = model.model.diffusion_model
+    return [(training, "make_lora", make_lora),
+            unet.register_forward_pre_hook(lambda *_: timeline.set(f"step {len(ends) + 1} forward")),
+            unet.register_forward_hook(lambda *_: timeline.set(f"step {len(ends) + 1} backward, optimiser"))]
+
+
+def _unmark(marks: list) -> None:
+    for mark in marks:
+        if isinstance(mark, tuple):
+            setattr(*mark)
+        else:
+            mark.remove()
+
+
 def run_refine(training, refine_mod, model, hl, positive, images, mode: str, checkpointing: bool, steps: int,
-               precision: str, sync) -> dict:
+               precision: str, sync, timeline: Timeline | None = None) -> dict:
     """One refinement run, timed per step (the node's progress bar marks each step's end) and its saved bytes
-    counted. The first step also encodes and loads, so s/step is the median of the later steps."""
+    counted. The first step also encodes and loads, so s/step is the median of the later steps. ``timeline``:
+    marks its phases (prediction, loading, each step's forward and backward)."""
     import comfy.utils
     import torch
 
+    if timeline is not None:
+        timeline.set("predict identity")
     identity = predicted_identity(hl)
+    hl.release_networks()  # as the nodes do on a CPU-only machine once an identity is predicted
+    pack_handle().return_freed_memory()
     handle = type("Handle", (), {"core": hl})()
     config = refine_mod.RefineConfig(mode=mode, steps=steps, seed=0, resolution=images.shape[1])
     saved = SavedBytes({p.untyped_storage().data_ptr() for p in model.model.parameters()})
@@ -162,6 +272,7 @@ def run_refine(training, refine_mod, model, hl, positive, images, mode: str, che
 
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(step_done)
+    marks = _phases(training, model, timeline, ends)
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
             t0 = time.perf_counter()
@@ -170,6 +281,9 @@ def run_refine(training, refine_mod, model, hl, positive, images, mode: str, che
             total = time.perf_counter() - t0
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
+        _unmark(marks)
+        if timeline is not None:
+            timeline.set("after")
     times = [b - a for a, b in zip([t0, *ends], ends, strict=False)]
     return {"step_s": statistics.median(times[1:] or times), "first_step_s": times[0], "total_s": total,
             "saved_bytes": max(saved.steps), "first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses),
@@ -183,6 +297,7 @@ def one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     refine_mod, training = pack_modules()
+    timeline = Timeline()
     mode, checkpointing = args.one.split(":")
     model, hl, positive = build(args.size, Path(args.workdir))
     weights = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
@@ -192,8 +307,11 @@ def one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = run_refine(training, refine_mod, model, hl, positive, images, mode, checkpointing == "ckpt", args.steps,
-                     "bf16" if args.size == "full" else "auto", torch.cuda.synchronize if cuda else lambda: None)
+                     "bf16" if args.size == "full" else "auto", torch.cuda.synchronize if cuda else lambda: None,
+                     timeline)
     row.pop("lora")
+    row["phases"] = timeline.stop()
+    sys.stderr.write(f"  {mode}, checkpointing {checkpointing}, RSS by phase:\n{phase_table(row['phases'])}")
     row.update(mode=mode, checkpointing=checkpointing == "ckpt", weights_bytes=weights, setup_rss_bytes=setup_rss,
                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                peak_cuda_bytes=torch.cuda.max_memory_allocated() if cuda else None)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .pages import release_pages
 from .safetensors_file import SafetensorsFile
 from .targets import SIDES, TargetLayers, basis_keys, basis_layout
 
@@ -91,12 +92,14 @@ class FlatRows:
             return
         self.item = item
         total = (file.size - file.data_start) // item
-        raw = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
-        region = raw[file.data_start: file.data_start + total // self.d * self.d * item]
+        self.mapping = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
+        region = self.mapping[file.data_start: file.data_start + total // self.d * self.d * item]
         self.rows = region.view(self.dtype).view(-1, self.d)  # [rows, d], file-backed pages
 
     def to(self, device: torch.device) -> None:
         self.rows = self.rows.to(device)
+        if self.rows.device.type != "cpu":
+            self.mapping = None  # copied: the file's mapping is not needed any more
 
 
 class BasisBank:
@@ -133,18 +136,23 @@ class BasisBank:
         return self.flat.rows.device if self.flat is not None else torch.device("cpu")
 
     @torch.no_grad()
-    def mix(self, tokens: torch.Tensor, progress: Progress | None = None,
+    def mix(self, tokens: torch.Tensor, progress: Progress | None = None, release: bool = False,
             ) -> list[dict[str, torch.Tensor]]:
-        """tokens [q, k] -> per target linear {"down": [a, r], "up": [r, b]} in float32, basis orientation."""
+        """tokens [q, k] -> per target linear {"down": [a, r], "up": [r, b]} in float32, basis orientation.
+        ``release``: each part of the memory-mapped file leaves the process's memory once mixed (for a caller
+        that needs the memory next, e.g. training), instead of staying resident for the next mixing."""
         coefs = tokens.float().to(self.device)[self.tokens.to(self.device)]  # [j, k]
-        mixed = self._mix_flat(coefs, progress) if self.flat is not None else self._mix_staged(coefs, progress)
+        if self.flat is not None:
+            mixed = self._mix_flat(coefs, progress, release)
+        else:
+            mixed = self._mix_staged(coefs, progress)
         out: list[dict[str, torch.Tensor]] = [{} for _ in range(self.n_linears)]
         for m, matrix in zip(self.members, mixed, strict=True):
             i, side = m.output
             out[i][side] = matrix.view(m.shape[1], m.shape[2])
         return out
 
-    def _mix_flat(self, coefs: torch.Tensor, progress: Progress | None) -> list[torch.Tensor]:
+    def _mix_flat(self, coefs: torch.Tensor, progress: Progress | None, release: bool) -> list[torch.Tensor]:
         flat = self.flat
         weights = coefs.repeat_interleave(self.rows_per_member.to(coefs.device), dim=0)  # [bags, k]
         if flat.dtype != torch.float32:
@@ -161,6 +169,9 @@ class BasisBank:
             with torch.inference_mode(inference), torch.no_grad():
                 out[start:stop] = F.embedding_bag(index[start:stop], flat.rows, mode="sum",
                                                   per_sample_weights=weights[start:stop])
+            if release and flat.mapping is not None:
+                release_pages(flat.rows[int(index[start:stop].min()): int(index[start:stop].max()) + 1],
+                              flat.mapping)
             return stop - start
 
         workers = mixing_threads(flat.rows)

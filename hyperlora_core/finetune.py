@@ -32,6 +32,7 @@ from .identity import Identity
 from .lidb import LiDB, LidbAux, LidbLoRA
 from .lora_io import ALPHA_PER_RANK, lora_prefixes
 from .model import HyperLoRA
+from .pages import release_pages
 from .resampler import normalize_tokens
 from .safetensors_file import SafetensorsFile
 from .targets import basis_keys, basis_layout, token_index
@@ -92,23 +93,31 @@ class _Factored:
 
 class _BasisMix(torch.autograd.Function):
     """``Σ_k c_k · basis[k]`` for a [k, a, b] basis in any dtype, in float32. The basis is saved for backward by
-    reference; its float32 widening lives only inside forward and backward, never between them."""
+    reference; its float32 widening lives only inside forward and backward, never between them. Where the basis
+    is a view of ``mapping`` (the file, memory-mapped), its pages leave the process's memory after each use."""
 
     @staticmethod
-    def forward(ctx, coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, coefs: torch.Tensor, basis: torch.Tensor, mapping: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(basis)
-        return (coefs @ basis.reshape(basis.shape[0], -1).float()).reshape(basis.shape[1:])
+        ctx.mapping = mapping
+        out = (coefs @ basis.reshape(basis.shape[0], -1).float()).reshape(basis.shape[1:])
+        if mapping is not None:
+            release_pages(basis, mapping)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (basis,) = ctx.saved_tensors
         flat = basis.reshape(basis.shape[0], -1).float()
-        return flat @ grad.reshape(-1).float(), None
+        out = flat @ grad.reshape(-1).float()
+        if ctx.mapping is not None:
+            release_pages(basis, ctx.mapping)
+        return out, None, None
 
 
-def mapped_tensors(file: SafetensorsFile, keys: Sequence[str]) -> list[torch.Tensor]:
-    """File-backed views of ``keys`` through one private mapping of ``file``: pages are read when used and
-    never copied into the process's own memory (a misaligned tensor is read normally)."""
+def mapped_tensors(file: SafetensorsFile, keys: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the mapping, file-backed views of ``keys``) through one private mapping of ``file``: pages are read when
+    used and never copied into the process's own memory (a misaligned tensor is read normally)."""
     raw = torch.from_file(str(file.path), shared=False, size=file.size, dtype=torch.uint8)
     out = []
     for key in keys:
@@ -120,12 +129,13 @@ def mapped_tensors(file: SafetensorsFile, keys: Sequence[str]) -> list[torch.Ten
             out.append(file.tensor(key))
             continue
         out.append(raw[start:file.data_start + info.end].view(dtype).view(info.shape))
-    return out
+    return raw, out
 
 
-def mix_basis(coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """[k] coefficients × [k, a, b] basis -> [a, b] float32, differentiable in the coefficients."""
-    return _BasisMix.apply(coefs.float(), basis)
+def mix_basis(coefs: torch.Tensor, basis: torch.Tensor, mapping: torch.Tensor | None = None) -> torch.Tensor:
+    """[k] coefficients × [k, a, b] basis -> [a, b] float32, differentiable in the coefficients. ``mapping``: the
+    memory-mapped file ``basis`` may be a view of, whose pages are then given back after each use."""
+    return _BasisMix.apply(coefs.float(), basis, mapping)
 
 
 def concat_by_rank(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,7 +235,7 @@ class CoefficientLoRA(_Factored, nn.Module):
         self.prefixes = list(prefixes)  # one per target linear, in token order
         self.scale = strength * ALPHA_PER_RANK  # strength · alpha / rank of the method
         keys = basis_keys(basis_layout(hyperlora.targets), "id")  # per linear: down, then up
-        mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
+        self._mapping, mapped = mapped_tensors(hyperlora.checkpoint.files["basis"], keys)
         downs, ups = mapped[0::2], mapped[1::2]
         if len(downs) != len(self.prefixes):
             raise ValueError(f"{len(self.prefixes)} prefixes for {len(downs)} target linears")
@@ -235,8 +245,8 @@ class CoefficientLoRA(_Factored, nn.Module):
         """(scale · (Σ b·up_basis)ᵀ [out, r], (Σ a·down_basis)ᵀ [r, in]) of linear ``index``."""
         a = self.tokens[token_index(index, 0)]
         b = self.tokens[token_index(index, 1)]
-        down = mix_basis(a, self._downs[index]).t().contiguous()  # [r, in]
-        up = (self.scale * mix_basis(b, self._ups[index])).t().contiguous()  # [out, r]
+        down = mix_basis(a, self._downs[index], self._mapping).t().contiguous()  # [r, in]
+        up = (self.scale * mix_basis(b, self._ups[index], self._mapping)).t().contiguous()  # [out, r]
         return up, down
 
     def device_bytes(self) -> int:
@@ -245,6 +255,8 @@ class CoefficientLoRA(_Factored, nn.Module):
     def place(self, device: torch.device | str) -> None:
         self._downs = [t.to(device) for t in self._downs]
         self._ups = [t.to(device) for t in self._ups]
+        if torch.device(device).type != "cpu":
+            self._mapping = None  # the bases were copied: the file's mapping goes with the last view of it
         self.to(device)
 
     @torch.no_grad()

@@ -220,10 +220,11 @@ class HyperLoRA:
     @torch.inference_mode()
     def identity_to_lora(self, identity: Identity, kind: str = "id", key_format: KeyFormat = "kohya",
                          dtype: torch.dtype = torch.float32, progress: Progress | None = None,
-                         ) -> dict[str, torch.Tensor]:
+                         release: bool = False) -> dict[str, torch.Tensor]:
         """Mix the bases with the identity's coefficients: a LoRA state dict of every target linear.
 
-        key_format: "kohya", "comfy", or {target key: LoRA key prefix} (see :func:`~.lora_io.key_function`)."""
+        key_format: "kohya", "comfy", or {target key: LoRA key prefix} (see :func:`~.lora_io.key_function`).
+        release: the basis file's pages leave this process's memory as they are mixed (see BasisBank.mix)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         identity.check_compatible(self.fingerprint, self.module_names)
@@ -233,7 +234,7 @@ class HyperLoRA:
         if tokens.shape != (self.targets.token_count, self.checkpoint.basis.k):
             raise ValueError(f"identity has {list(tokens.shape)} coefficient tokens; the checkpoint needs "
                              f"[{self.targets.token_count}, K={self.checkpoint.basis.k}]")
-        mixed = self.bank(kind).mix(tokens.to(self.device), progress)
+        mixed = self.bank(kind).mix(tokens.to(self.device), progress, release)
         return build_lora(mixed, self.targets, key_format, dtype)
 
     def __repr__(self) -> str:

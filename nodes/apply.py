@@ -41,9 +41,10 @@ def mixing_progress(done: int, total: int) -> None:
     comfy.utils.ProgressBar(total).update_absolute(done, total)
 
 
-def make_lora(handle, identity, kind: str = "id", key_format: KeyFormat = "comfy") -> dict[str, torch.Tensor]:
+def make_lora(handle, identity, kind: str = "id", key_format: KeyFormat = "comfy", release: bool = False,
+              ) -> dict[str, torch.Tensor]:
     return handle.core.identity_to_lora(identity, kind=kind, key_format=key_format, dtype=lora_dtype(handle),
-                                        progress=mixing_progress)
+                                        progress=mixing_progress, release=release)
 
 
 def model_family(model) -> str:

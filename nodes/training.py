@@ -23,7 +23,7 @@ from ..hyperlora_core.lidb import LIDB_SEED, LiDB, LidbAux, check_fits, targets_
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, make_lora
-from .checkpointing import frozen_by_reference, gradient_checkpointing
+from .checkpointing import casts_by_reference, frozen_by_reference, gradient_checkpointing, heap_returned
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,8 @@ def _train(mp, param, positive, latents: torch.Tensor, config: RefineConfig, dty
 
     def body(model_wrap, extra_args, x):
         unet = model_wrap.inner_model.diffusion_model
-        with frozen_by_reference(unet), gradient_checkpointing(unet, checkpointing):
+        with (heap_returned(x.device), frozen_by_reference(unet), casts_by_reference(unet),
+              gradient_checkpointing(unet, checkpointing)):
             losses.extend(train(param, config,
                                 lambda g: batch_loss(model_wrap, extra_args, x, g, config.batch, dtype),
                                 on_step=lambda step, _: pbar.update_absolute(step + 1, config.steps),
@@ -237,8 +238,8 @@ def _start(model, handle, identity, start: LiDB | None):
         if handle is None:
             raise RefineInputError("identity is connected but hyper_lora is not: connect the HyperLoRA that made it")
         check_model(model, handle.core.targets)  # before any mixing
-        predicted = make_lora(handle, identity, "id", key_format="comfy")
-        handle.core.release_bases()  # coefficients mode maps the bases it trains with itself
+        predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages
+        handle.core.release_bases()  # leave as they are mixed; coefficients mode maps the bases it trains with
     if start is not None:
         check_fits(start.targets, weight_shapes(model))
     return predicted

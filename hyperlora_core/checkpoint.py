@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -223,9 +224,15 @@ def _check_module_entry(path: Path, name: str, info: object, module: AttnModule,
         )
 
 
-def _basis_shapes(layout: BasisLayout, keys: list[str], k: int, rank: int) -> Shapes:
-    """{basis key: shape}: [K, in, r] for a down basis, [K, r, out] for an up one (keys in token order)."""
-    return dict(zip(keys, [s for _, _, a, b in layout for s in ((k, a, rank), (k, rank, b))], strict=True))
+def _basis_shapes(layout: BasisLayout, kind: str, k: int, rank: int) -> Shapes:
+    """{basis key: shape}: [K, in, r] for a down basis, [K, r, out] for an up one (a fresh dict to update)."""
+    return dict(_cached_basis_shapes(layout, kind, k, rank))
+
+
+@lru_cache(maxsize=8)  # the released load path: the same layout at every load, ~0.25 ms to build
+def _cached_basis_shapes(layout: BasisLayout, kind: str, k: int, rank: int) -> Shapes:
+    shapes = [s for _, _, a, b in layout for s in ((k, a, rank), (k, rank, b))]
+    return dict(zip(basis_keys(layout, kind), shapes, strict=True))
 
 
 def read_basis_config(file: SafetensorsFile, layout: BasisLayout) -> BasisConfig:
@@ -237,12 +244,12 @@ def read_basis_config(file: SafetensorsFile, layout: BasisLayout) -> BasisConfig
             f"LoRA basis: '{file.path}' lacks {first!r} (a [K, in, rank] tensor); it is not a HyperLoRA basis file."
         )
     k, _, id_rank = found[first]
-    expected = _basis_shapes(layout, id_keys, k, id_rank)
+    expected = _basis_shapes(layout, "id", k, id_rank)
     base_rank = None
     if any(".base_" in key for key in found):
         base_keys = basis_keys(layout, "base")
         base_rank = found.get(base_keys[0], (0, 0, id_rank // 2))[2]
-        expected.update(_basis_shapes(layout, base_keys, k, base_rank))
+        expected.update(_basis_shapes(layout, "base", k, base_rank))
     try:
         check_keys("LoRA basis", file.path, found, expected)
     except CheckpointFormatError as exc:

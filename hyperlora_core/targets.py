@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import CheckpointFormatError, ModuleMismatchError
 from .topology import LINEARS, SDXL, AttnModule, UNetSpec, resolve, sdxl_modules
@@ -142,26 +143,27 @@ def basis_names(module: TargetModule) -> tuple[str, ...]:
     return tuple(names)
 
 
-BasisLayout = list[tuple[int, str, int, int]]  # per target linear, token order: (module index, name, in, out)
+BasisLayout = tuple[tuple[int, str, int, int], ...]  # per target linear, token order: (module index, name, in, out)
 
 
 def basis_layout(layers: TargetLayers) -> BasisLayout:
     """What the basis file holds for ``layers``: per linear its module's index, its basis name, its sizes."""
-    return [(i, name, lin.in_features, lin.out_features) for i, module in enumerate(layers.modules)
-            for name, lin in zip(basis_names(module), module.linears, strict=True)]
+    return tuple((i, name, lin.in_features, lin.out_features) for i, module in enumerate(layers.modules)
+                 for name, lin in zip(basis_names(module), module.linears, strict=True))
 
 
 def released_basis_layout(modules: Sequence[AttnModule], spec: UNetSpec) -> BasisLayout:
     """``basis_layout(released_target_layers(modules, spec))`` without building the description: the released
     checkpoints' load path, where 560 linear objects would cost more than the whole check (tested equal)."""
-    return [(i, short, *module.linear_shape(short, spec)) for i, module in enumerate(modules)
-            for short, _, _ in LINEARS]
+    return tuple((i, short, *module.linear_shape(short, spec)) for i, module in enumerate(modules)
+                 for short, _, _ in LINEARS)
 
 
-def basis_keys(layout: BasisLayout, kind: str) -> list[str]:
+@lru_cache(maxsize=8)  # a layout of plain tuples hashes in ~10 us; the keys take ~0.2 ms to format at every load
+def basis_keys(layout: BasisLayout, kind: str) -> tuple[str, ...]:
     """The key of every basis tensor of ``kind`` ("id" or "base"), in token order: position ``t`` holds the basis
     that token ``t`` mixes, i.e. side ``t % 2`` (0 down, 1 up) of linear ``t // 2``."""
-    return [f"{i}.{name}.{kind}_{side}_basis" for i, name, _, _ in layout for side in SIDES]
+    return tuple(f"{i}.{name}.{kind}_{side}_basis" for i, name, _, _ in layout for side in SIDES)
 
 
 def token_index(linear: int, side: int) -> int:

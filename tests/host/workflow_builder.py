@@ -482,6 +482,24 @@ def save_lora() -> Workflow:
     return w
 
 
+def refine_chain(w: Workflow, mode: str):
+    """Photo -> identity -> HyperLoRA Refine in ``mode`` (with its loss preview); returns ckpt, pos, neg, refine."""
+    hyper, photo, ident = identity_chain(w, 0, 0)
+    ckpt = checkpoint(w, (360, 460))
+    pos, neg = prompts(w, ckpt, 760, 300)
+    refined = w.add("HyperLoRARefine", (1220, 0), mode=mode, steps=REFINE.steps, lr=REFINE.lr,
+                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
+                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
+                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
+    for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
+                         (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
+                         (photo.out("IMAGE"), "image")):
+        w.connect(source, refined, name)
+    curve = w.add("PreviewImage", (1220, 420), title="Training loss", size=(420, 260))
+    w.connect(refined.out("loss_curve"), curve, "images")
+    return ckpt, pos, neg, refined
+
+
 def refine() -> Workflow:
     w = Workflow("HyperLoRA refine the identity by fine-tuning", "Refine the identity (fast fine-tuning)",
                  "About 50 fine-tuning steps from the prediction, for a closer likeness")
@@ -492,19 +510,7 @@ def refine() -> Workflow:
                      "The refined LoRA already contains id_strength: load it at 1.0. It is saved under "
                      "output/loras/hyperlora/ (Save LoRA Weights); move it to models/loras/ to use it with the "
                      "stock Load LoRA."), (0, -340))
-    hyper, photo, ident = identity_chain(w, 0, 0)
-    ckpt = checkpoint(w, (360, 460))
-    pos, neg = prompts(w, ckpt, 760, 300)
-    refined = w.add("HyperLoRARefine", (1220, 0), mode=REFINE.mode, steps=REFINE.steps, lr=REFINE.lr,
-                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
-                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
-                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
-    for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
-                         (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
-                         (photo.out("IMAGE"), "image")):
-        w.connect(source, refined, name)
-    curve = w.add("PreviewImage", (1220, 420), title="Training loss", size=(420, 260))
-    w.connect(refined.out("loss_curve"), curve, "images")
+    ckpt, pos, neg, refined = refine_chain(w, REFINE.mode)
     saved = w.add("SaveLoRANode", (1220, 740), prefix="loras/hyperlora/refined")
     w.connect(refined.out("lora"), saved, "lora")
     loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
@@ -524,19 +530,7 @@ def lidb() -> Workflow:
                      "hyper_lora and identity, HyperLoRA Refine trains a LiDB from zero. It is meant for a GPU.",
                      SDXL, "The refined LoRA contains the prediction at id_strength and the LiDB: load it at 1.0. "
                      "The saved LiDB holds only what was added to the prediction."), (0, -340))
-    hyper, photo, ident = identity_chain(w, 0, 0)
-    ckpt = checkpoint(w, (360, 460))
-    pos, neg = prompts(w, ckpt, 760, 300)
-    refined = w.add("HyperLoRARefine", (1220, 0), mode="lidb", steps=REFINE.steps, lr=REFINE.lr,
-                    rank=REFINE.rank, seed=REFINE.seed, control_after_generate="fixed", batch_size=REFINE.batch,
-                    resolution=REFINE.resolution, precision="auto", gradient_checkpointing=True,
-                    id_strength=REFINE.id_strength, lidb_a=REFINE.lidb_a, lidb_b=REFINE.lidb_b)
-    for source, name in ((ckpt.out("MODEL"), "model"), (ckpt.out("VAE"), "vae"), (pos.out("CONDITIONING"), "positive"),
-                         (hyper.out("hyper_lora"), "hyper_lora"), (ident.out("identity"), "identity"),
-                         (photo.out("IMAGE"), "image")):
-        w.connect(source, refined, name)
-    curve = w.add("PreviewImage", (1220, 420), title="Training loss", size=(420, 260))
-    w.connect(refined.out("loss_curve"), curve, "images")
+    ckpt, pos, neg, refined = refine_chain(w, "lidb")
     saved = w.add("SaveLiDB", (1220, 740), filename_prefix="lidb/my_identity", storage="fp16")
     w.connect(refined.out("lidb"), saved, "lidb")
     loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)

@@ -68,3 +68,29 @@ def check(out: dict, family: str, n: int) -> None:
     assert out["worst"] == 0.0
     assert out["changed"] == n
     assert "lora key not loaded" not in out["log"]
+
+
+def hooks_vs_patching(denoiser, patcher, net, sample, lora: dict, latent_shape) -> dict:
+    """One noisy latent predicted four ways: with the trainer's hooks carrying the network's ID-LoRA ("hooked"),
+    plain ("plain"), with ComfyUI's stock patching of ``lora`` ("stock", returned with its ``patched`` clone), and
+    plain again after unpatching ("again")."""
+    import comfy.sd
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(latent_shape, generator=g)
+    t = torch.tensor([600])
+    x_t = denoiser.noisy(x0, torch.randn(x0.shape, generator=g), t)
+    context = denoiser.encode_text(["a photo of fcsks fxhks fhyks"])
+    out = {}
+    with torch.no_grad():
+        out["hooked"] = denoiser.predict(x_t, t, context, net(sample.clip, sample.arcface, None)["id"])
+        out["plain"] = denoiser.predict(x_t, t, context, None)
+        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+        patched.patch_model()
+        try:
+            out["stock"] = denoiser.predict(x_t, t, context, None)
+        finally:
+            patched.unpatch_model()
+        out["again"] = denoiser.predict(x_t, t, context, None)
+    out["patched"] = patched
+    return out

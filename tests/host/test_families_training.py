@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 from comfy_server import show
-from family_runs import apply_vs_stock, check
+from family_runs import apply_vs_stock, check, hooks_vs_patching
 from nodepack import families
 
 from hyperlora_core import load_hyperlora
@@ -98,22 +98,9 @@ def test_the_export_patched_by_comfyui_predicts_like_the_trainer(comfy, trained,
     naming = lora_file_keys(hl.targets, comfy.lora.model_lora_keys_unet(patcher.model, {}))
     lora = hl.identity_to_lora(identity, kind="id", key_format=naming)
 
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(sample.latents.shape, generator=g)
-    t = torch.tensor([600])
-    x_t = denoiser.noisy(x0, torch.randn(x0.shape, generator=g), t)
-    context = denoiser.encode_text(["a photo of fcsks fxhks fhyks"])
-    with torch.no_grad():
-        hooked = denoiser.predict(x_t, t, context, net(sample.clip, sample.arcface, None)["id"])
-        plain = denoiser.predict(x_t, t, context, None)
-        with caplog.at_level(logging.WARNING):
-            patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
-        patched.patch_model()
-        try:
-            stock = denoiser.predict(x_t, t, context, None)
-        finally:
-            patched.unpatch_model()
-        again = denoiser.predict(x_t, t, context, None)
+    with caplog.at_level(logging.WARNING):
+        runs = hooks_vs_patching(denoiser, patcher, net, sample, lora, sample.latents.shape)
+    hooked, plain, stock, again, patched = (runs[k] for k in ("hooked", "plain", "stock", "again", "patched"))
     effect = float((hooked - plain).abs().max())
     worst = float((hooked - stock).abs().max())
     show(f"\n{name}: trainer hooks vs ComfyUI patching of the export: max |diff| {worst:.2e}; effect {effect:.2e}")

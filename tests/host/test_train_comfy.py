@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from comfy_server import show
+from family_runs import hooks_vs_patching
 from nodepack import tiny
 
 from hyperlora_core import load_hyperlora
@@ -89,21 +90,8 @@ def test_the_export_patches_like_apply(comfy, backend, trained):
     identity = hl.predict_identity(clip_tokens=sample.clip, id_embeds=sample.arcface)
     lora = hl.identity_to_lora(identity, kind="id", key_format="comfy")
 
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 4, 8, 8, generator=g)
-    t = torch.tensor([600])
-    x_t = denoiser.noisy(x0, torch.randn(x0.shape, generator=g), t)
-    context = denoiser.encode_text(["a photo of fcsks fxhks fhyks"])
-    with torch.no_grad():
-        hooked = denoiser.predict(x_t, t, context, net(sample.clip, sample.arcface, None)["id"])
-        plain = denoiser.predict(x_t, t, context, None)
-        patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
-        patched.patch_model()
-        try:
-            stock = denoiser.predict(x_t, t, context, None)
-        finally:
-            patched.unpatch_model()
-        again = denoiser.predict(x_t, t, context, None)
+    runs = hooks_vs_patching(denoiser, patcher, net, sample, lora, (1, 4, 8, 8))
+    hooked, plain, stock, again = (runs[k] for k in ("hooked", "plain", "stock", "again"))
     effect = float((hooked - plain).abs().max())
     worst = float((hooked - stock).abs().max())
     show(f"\ntrainer hooks vs ComfyUI LoRA patching of the export: max |diff| {worst:.2e}; LoRA effect {effect:.2e}")

@@ -17,7 +17,7 @@ CONTRACT = {
     "ConceptSlider": ["hyper_lora", "mode", "strength", "start_image", "end_image", "start_identity",
                       "end_identity", "model"],
     "HyperLoRAToLoRA": ["hyper_lora", "identity", "kind"],
-    "SaveHyperLoRA": ["hyper_lora", "identity", "filename_prefix"],
+    "SaveHyperLoRA": ["hyper_lora", "identity", "filename_prefix", "model"],
     "SaveHyperLoRAIdentity": ["identity", "filename_prefix", "storage"],
     "LoadHyperLoRAIdentity": ["identity"],
     "HyperLoRAHook": ["hyper_lora", "identity", "strength", "start_percent", "end_percent"],

@@ -542,7 +542,7 @@ def lidb() -> Workflow:
 
 
 def hyperdreambooth() -> Workflow:
-    w = Workflow("HyperDreamBooth identity from one photo", "A LiDB predicted from one photo (~120 KB)",
+    w = Workflow("HyperLoRA HyperDreamBooth identity from one photo", "A LiDB predicted from one photo (~120 KB)",
                  "Your own HyperDreamBooth network: photo -> LiDB -> LoRA at 1.0, saved to models/lidb")
     w.note("\n".join([
         "HyperDreamBooth: a hypernetwork predicts the person's LiDB (a + b numbers per layer) from one photo; its "

@@ -133,12 +133,16 @@ class _CastsByReference:
 
     def _is_cast(self, t: torch.Tensor) -> bool:
         """``t`` is a view (the cast itself, or e.g. its transpose that a matmul keeps) of a weight-sized buffer
-        that is not the weight, and needs no gradient."""
+        that is not the weight, needs no gradient, and is what a cast makes: another dtype or device than the
+        weight's (without one, ``weight.to`` returns the weight itself) and the weight's sizes in some order. An
+        activation that merely has as many elements (an early layer's input needs no gradient either) is not one."""
         m = self.current
         if m is None or t.requires_grad or getattr(m, "weight_function", None):
             return False
         w, storage = m.weight, t.untyped_storage()
-        return (t.numel() == w.numel() and w.is_contiguous() and storage.nbytes() == w.numel() * t.element_size()
+        if (t.dtype == w.dtype and t.device == w.device) or sorted(t.shape) != sorted(w.shape):
+            return False
+        return (w.is_contiguous() and storage.nbytes() == w.numel() * t.element_size()
                 and storage.data_ptr() != w.untyped_storage().data_ptr())
 
     def pack(self, t: torch.Tensor):

@@ -198,3 +198,17 @@ def test_bad_base_model_files_are_named(files, tmp_path, case):
     assert isinstance(err.value, (ValueError, FileNotFoundError, RuntimeError))
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+def test_the_run_command_reaches_the_loaders(files, tmp_path):
+    """``train run``'s backend builder hands [data] to these loaders (a missing diffusion model is named)."""
+    from hyperlora_core.train.cli import build_backend
+    from hyperlora_core.train.config import TrainConfig
+
+    paths, _ = files
+    config = TrainConfig().replace(data={"backend": "comfy", "shards": str(tmp_path), "clip_vision": str(tmp_path),
+                                         "diffusion_model": str(tmp_path / "gone.safetensors"),
+                                         "text_encoders": [str(paths["clip_l"]), str(paths["clip_g"])],
+                                         "vae": str(paths["vae"])}, run={"device": "cpu"})
+    with pytest.raises(FileNotFoundError, match="data.diffusion_model .*gone.safetensors' does not exist"):
+        build_backend(config)

@@ -56,7 +56,8 @@ class RandomData:
                      self.arcface[positions], self.clip[positions])
 
 
-def _comfy_denoiser(size: str, device: str, precision: str):
+def _comfy_denoiser(size: str, device: str, precision: str, *, fake: bool = False):
+    """(denoiser, latent shape); ``fake``: built under FakeTensorMode (bench/train_memory.py), weights left as made."""
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         raise SystemExit("--backend comfy needs COMFYUI_PATH (a ComfyUI v0.3.64 checkout)")
@@ -64,7 +65,7 @@ def _comfy_denoiser(size: str, device: str, precision: str):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device in ("cpu", "meta")
-    comfy.cli_args.args.use_pytorch_cross_attention = device == "meta"  # SDPA: its math path counts on meta
+    comfy.cli_args.args.use_pytorch_cross_attention = device == "meta" or fake  # SDPA: runs on meta/fake tensors
     import comfy.model_management  # noqa: F401
     from nodepack import tiny
 
@@ -79,7 +80,7 @@ def _comfy_denoiser(size: str, device: str, precision: str):
     supported = comfy.supported_models.SDXL(config)
     supported.set_inference_dtype(torch.bfloat16 if precision == "bf16" else torch.float16, None)
     net = supported.get_model({}, device="meta" if device == "meta" else None)
-    if device != "meta":
+    if device != "meta" and not fake:
         tiny.randomise(net, 0)
 
     class FixedText(ComfyDenoiser):

@@ -15,7 +15,7 @@ for _path in (_TESTS, _ROOT):  # modules, e.g. its nodes.py, keep their names)
         sys.path.append(_path)
 
 from . import families, faults, tiny  # noqa: E402
-from .base import CATEGORY, SEED, SeededBuilder, save_output  # noqa: E402
+from .base import CATEGORY, SEED, AlwaysRunsOutput, SeededBuilder, save_output  # noqa: E402
 
 
 class HLTestTinySDXL:
@@ -78,17 +78,14 @@ class HLTestFaceImage:
         return (tiny.face_photo(seed, face),)
 
 
-class HLTestDumpWeights:
+class HLTestDumpWeights(AlwaysRunsOutput):
     """Write the model's attention weights (the 560 LoRA targets) to output/<name>.safetensors.
 
     load True: through ComfyUI's model management first (load_models_gpu applies the MODEL's patches in place, as
     before sampling); False: the module as it is now. ``after`` only orders this node after a sampler.
     """
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
     FUNCTION = "dump"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -96,10 +93,6 @@ class HLTestDumpWeights:
                              "name": ("STRING", {"default": "weights", "tooltip": "file name under output/"}),
                              "load": ("BOOLEAN", {"default": True, "tooltip": "apply the patches first"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def dump(self, model, name, load, after=None):
         import comfy.model_management
@@ -155,22 +148,15 @@ class HLTestRecordWeights:
         return (patched,)
 
 
-class HLTestLoadedModels:
+class HLTestLoadedModels(AlwaysRunsOutput):
     """Report ComfyUI's loaded models (class, bytes) and this process's RSS; always re-runs."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
     FUNCTION = "report"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"tag": ("STRING", {"default": "", "tooltip": "any text, shown back"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def report(self, tag, after=None):
         import gc
@@ -187,23 +173,16 @@ class HLTestLoadedModels:
         return {"ui": {"report": [{"tag": tag, "models": models, "rss": psutil.Process().memory_info().rss}]}}
 
 
-class HLTestHyperLoRAState:
+class HLTestHyperLoRAState(AlwaysRunsOutput):
     """Report what a HYPER_LORA holds now and how often each part was built (its ``loaded()``), and how many of
     ComfyUI's loaded models are not ComfyUI's own classes (ours); always re-runs."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
     FUNCTION = "report"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"hyper_lora": ("HYPER_LORA", {"tooltip": "the HyperLoRA to look at"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def report(self, hyper_lora, after=None):
         import gc

@@ -23,6 +23,19 @@ class SeededBuilder:
         return (self.make(seed),)
 
 
+class AlwaysRunsOutput:
+    """An output node that runs again whenever a prompt holding it is queued (IS_CHANGED is NaN, which equals
+    nothing): a subclass sets FUNCTION and INPUT_TYPES."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+
 def save_output(name: str, weights: dict, meta: dict[str, str]) -> dict:
     """Write ``weights`` with ``meta`` to output/<name>.safetensors; the output node's ui, which names the file."""
     import folder_paths

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import tiny
-from .base import CATEGORY, SEED, save_output
+from .base import CATEGORY, SEED, AlwaysRunsOutput, save_output
 
 # Flux.1 (comfy.ldm.flux): 19 double-stream and 38 single-stream blocks, as in flux1-dev, at width 64
 TINY_FLUX_REAL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
@@ -175,25 +175,18 @@ class HLTestTinyFamily:
         return (FAMILIES[family].build(seed),)
 
 
-class HLTestDumpTargets:
+class HLTestDumpTargets(AlwaysRunsOutput):
     """Write the weights of the model's target linears (read by target_scan, as the HyperLoRA nodes read them) to
     output/<name>.safetensors, after ComfyUI's model management applied the MODEL's patches; metadata: how many
     patches the MODEL carries and the family."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
     FUNCTION = "dump"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL", {"tooltip": "the model to read"}),
                              "name": ("STRING", {"default": "targets", "tooltip": "file name under output/"}),
                              "feed_forward": ("BOOLEAN", {"default": False, "tooltip": "add the feed-forward"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def dump(self, model, name, feed_forward):
         import comfy.lora

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import tiny
-from .base import CATEGORY, SeededBuilder
+from .base import CATEGORY, AlwaysRunsOutput, SeededBuilder
 
 IMAGE_KINDS = ("empty_batch", "one_pixel", "huge", "nan", "inf")
 HUGE_SIDE = 20000
@@ -164,21 +164,14 @@ class HLTestCancelAt:
         return (model, image)
 
 
-class HLTestSleep:
+class HLTestSleep(AlwaysRunsOutput):
     """Keep the queue busy for ``seconds`` (an output node that always runs)."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
     FUNCTION = "sleep"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 60.0, "tooltip": "seconds"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def sleep(self, seconds):
         time.sleep(seconds)

@@ -34,9 +34,7 @@ def build_backend(config: TrainConfig):
     from .shards import ShardDataset
 
     backend = importlib.import_module("train_comfy.backend")  # the host side: ComfyUI as a library
-    denoiser, vae = backend.load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None,
-                                                device=config.run.device, resolution=data.resolution,
-                                                precision=config.run.precision, feed_forward=data.feed_forward)
+    denoiser, vae = backend.load_comfy_denoiser(data, device=config.run.device, precision=config.run.precision)
     clip = ClipVisionEncoder.from_folder(data.clip_vision, device=denoiser.device)
     encode = backend.shard_encoder(vae, clip, resolution=data.resolution, device=denoiser.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

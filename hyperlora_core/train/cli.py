@@ -147,16 +147,16 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
     from safetensors.torch import load_file
 
-    from ..targets import TargetLayers
     from .export import export_checkpoint
     from .hypernet import HyperNetwork
+    from .loop import stored_targets
 
     step = Path(args.checkpoint)
     if not (step / "state.json").is_file():
         raise FileNotFoundError(f"'{step}' is not a training checkpoint (no state.json); give a step_<n> folder")
     state = json.loads((step / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
-    targets = TargetLayers.from_json(state["targets"], str(step / "state.json"))
+    targets = stored_targets(state, str(step / "state.json"))
     weights = load_file(str(step / "weights.safetensors"))
     if not args.no_ema and (step / "ema.safetensors").exists():
         weights.update(load_file(str(step / "ema.safetensors")))

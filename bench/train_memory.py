@@ -33,7 +33,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT.parent), str(ROOT)]
 
-from train import RandomData, _comfy_denoiser  # noqa: E402  (bench/train.py: the same full-size model)
+from train import RandomData, comfy_denoiser  # noqa: E402  (bench/train.py: the same full-size model)
 
 from hyperlora_core.train.config import TrainConfig  # noqa: E402
 from hyperlora_core.train.loop import Trainer  # noqa: E402
@@ -143,7 +143,7 @@ def main() -> None:
 
     rows = []
     with FakeTensorMode(allow_non_fake_inputs=True), moves_in_place(), real_meshes():
-        denoiser, latent = _comfy_denoiser("full", "cpu", "bf16", fake=True)
+        denoiser, latent = comfy_denoiser("full", "cpu", "bf16", fake=True)
         data = RandomData(latent, 1024, 257, n=max(args.batch, 4))
         for world in args.world:
             _fake_group(world)

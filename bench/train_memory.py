@@ -89,6 +89,29 @@ def real_meshes():
         meshes.init_device_mesh = original
 
 
+def tracker_class():
+    """torch's FSDPMemTracker, made to pass over an FSDP unit that a step never gathered (stage 1 never mixes the
+    ID bases): its post-backward reads the unsharded parameters of every unit, which such a unit does not have."""
+    from functools import wraps
+
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    class Tracker(FSDPMemTracker):
+        def _fsdp_param_group_post_backward(self, fsdp_mod, orig):
+            tracked = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
+
+            @wraps(orig)
+            def inner(*args, **kwargs):
+                group = fsdp_mod._get_fsdp_state()._fsdp_param_group
+                if group and not all(hasattr(p, "_unsharded_param") for p in group.fsdp_params):
+                    return orig(*args, **kwargs)
+                return tracked(*args, **kwargs)
+
+            return inner
+
+    return Tracker
+
+
 def _cases(batch: int) -> torch.Tensor:
     """The default case_mix (1/2 reconstruct, 1/4 match base, 1/4 match Base-LoRA) for a batch of ``batch``."""
     cycle = [RECONSTRUCT, MATCH_BASE, RECONSTRUCT, MATCH_BASE_LORA]
@@ -97,8 +120,6 @@ def _cases(batch: int) -> torch.Tensor:
 
 def peak_of_step(denoiser, data, stage: int, world: int, batch: int) -> dict[str, float]:
     """{category: GiB at the peak} of one step of ``stage`` on rank 0 of ``world`` (fake tensors throughout)."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig().replace(stage={"stage": stage}, run={
             "out": out, "batch": batch * world, "device": "cpu", "precision": "bf16", "shard": world > 1,
@@ -115,7 +136,7 @@ def peak_of_step(denoiser, data, stage: int, world: int, batch: int) -> dict[str
         trainer.optimizer.zero_grad(set_to_none=True)
 
     step()  # the first step makes AdamW's moments; the second is measured, as every later step
-    tracker = FSDPMemTracker(trainer.model, trainer.optimizer)
+    tracker = tracker_class()(trainer.model, trainer.optimizer)
     tracker.track_inputs((b.latents, b.clip, b.arcface, b.base_clip))
     with tracker:
         step()

@@ -71,7 +71,7 @@ class BasisStack(nn.Module):
         _, _, alpha = lora_pair(torch.zeros(1, rank), torch.zeros(rank, 1))
         self.up_scale = alpha / rank  # the LoRA scale alpha / r, carried by the up matrices
 
-    def mix(self, tokens: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
         """tokens [b, q, k] -> {(linear, side): mixed [b, a, c]} through the core's mix_bases, the up matrices
         scaled by alpha / r. Per group: one gather, one einsum, and (mixing being linear) the scale on the group's
         coefficients rather than on each matrix; one unbind, whose backward stacks the rows' gradients once where
@@ -136,7 +136,7 @@ class HyperNetwork(nn.Module):
     def factors(self, tokens: torch.Tensor, kind: str) -> Factors:
         """Tokens [b, q, k] -> LoRA factors of every target linear, the delta being ``up @ down``."""
         stack = self.id_bases if kind == "id" else self.base_bases
-        mixed = stack.mix(tokens)
+        mixed = stack(tokens)  # a module call: under run --shard each stack is an FSDP unit, gathered for it
         out: Factors = {}
         for i, linear in enumerate(self.targets.linears):
             down, up, _ = lora_pair(mixed[(i, 0)], mixed[(i, 1)])  # up already carries alpha / r

@@ -101,6 +101,10 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.world,))
+            # each basis stack (most of the parameters) is its own unit, gathered only while it mixes and freed
+            # after: the whole network never exists unsharded at once
+            for stack in filter(None, (self.net.id_bases, self.net.base_bases)):
+                fully_shard(stack, mesh=mesh)
             return fully_shard(self.net, mesh=mesh)
         from torch.nn.parallel import DistributedDataParallel
 

@@ -7,9 +7,12 @@ Per target linear ``ℓ`` (``i`` inputs, ``o`` outputs)::
     up_ℓ   = B_aux_ℓ · B_train_ℓ     [o, 1]   B_train [b, 1] trains; B_aux [o, b] frozen, B_auxᵀ·B_aux = I_b
     ΔW_ℓ   = up_ℓ · down_ℓ           [o, i]   saved as a LoRA with alpha = rank = 1 (scale 1)
 
-Only the ``a + b`` numbers per linear are stored (:class:`LiDB`); the aux matrices are regenerated from the seed.
+Only the ``a + b`` numbers per linear are stored (:class:`LiDB`); the aux matrices are regenerated from the seed
+(:mod:`hyperlora_core.lidb_aux`: on a few threads, and kept in a bounded in-process cache for the next LiDB of the
+same layout).
 
-**Aux matrices, recipe v1** (:func:`aux_pair`). For linear key ``K``, seed ``s`` and side ``X`` ("A" or "B"):
+**Aux matrices, recipe v1** (:func:`~hyperlora_core.lidb_aux.aux_pair`). For linear key ``K``, seed ``s`` and side
+``X`` ("A" or "B"):
 
 1. the byte stream SHAKE-256(``"hyperlora.lidb.aux.v1" NUL s NUL K NUL X``) (UTF-8, ``s`` in decimal), read as
    little-endian uint32 words ``w``; uniforms ``u = (w + 0.5) / 2³²`` in float64;
@@ -20,7 +23,9 @@ Only the ``a + b`` numbers per linear are stored (:class:`LiDB`); the aux matric
 
 The stream depends only on the seed and the linear's own key, so a linear's matrices do not depend on the other
 linears or their order. SHAKE-256 is fixed by FIPS 202; the float64 arithmetic agrees between machines and torch
-versions to rounding (~1e-15), far below float32's resolution.
+versions to rounding (~1e-15), far below float32's resolution, though an element near zero can round to another
+float32: with torch 2.14 (MKL) on 1 and on 2 threads, 3 of SDXL's first 80 linears differed in one element of their
+A_aux each, by at most 4e-9.
 
 **File** (:meth:`LiDB.save`): safetensors with ``a_train [n, a]`` and ``b_train [n, b]`` (fp16 or fp32; ``int8``
 storage writes ``<name>.int8`` and a per-row fp16 ``<name>.scale``), and metadata: ``format``, ``version``,

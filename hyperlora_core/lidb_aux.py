@@ -36,7 +36,7 @@ AUX_DOMAIN = "hyperlora.lidb.aux.v1"
 AUX_CACHE_BYTES = 512 << 20  # room for SDXL's 560 linears at a = 100, b = 50 (427 MiB of float32)
 AUX_WORKERS = max(1, min(4, os.cpu_count() or 1))  # the GIL-bound SHAKE stream (~18 %) caps the gain near 5x
 Progress = Callable[[int, int], None]  # (done, total)
-Key = tuple[TargetLayers, int, int, int]  # (targets, seed, a, b)
+Key = tuple[tuple[TargetLinear, ...], int, int, int]  # (the linears in order, seed, a, b)
 
 
 def _normals(seed: int, key: str, side: str, count: int) -> torch.Tensor:
@@ -114,8 +114,15 @@ def iter_aux(linears: Sequence[TargetLinear], seed: int, a: int, b: int, workers
                 future.cancel()
 
 
+def _key(targets: TargetLayers, seed: int, a: int, b: int) -> Key:
+    """A layout is its linears (key and sizes, in order), the seed, a and b: what the matrices depend on, whatever
+    the family name or module grouping (Refine from zero names the layout after the MODEL, a LiDB file keeps its
+    own)."""
+    return tuple(targets.linears), int(seed), int(a), int(b)
+
+
 class AuxCache:
-    """Every target linear's (A_aux, B_aux) per (targets, seed, a, b), at most ``budget`` bytes, least recently
+    """Every target linear's (A_aux, B_aux) per layout (:func:`_key`), at most ``budget`` bytes, least recently
     used out first. One layout is generated at a time (a second caller of the same layout waits, then reuses it)."""
 
     def __init__(self, budget: int = AUX_CACHE_BYTES) -> None:
@@ -131,8 +138,9 @@ class AuxCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._entries
+    def __contains__(self, layout: tuple[TargetLayers, int, int, int]) -> bool:
+        """``(targets, seed, a, b) in cache``."""
+        return _key(*layout) in self._entries
 
     def fits(self, targets: TargetLayers, a: int, b: int) -> bool:
         return layout_bytes(targets, a, b) <= self.budget
@@ -145,7 +153,7 @@ class AuxCache:
                  workers: int = AUX_WORKERS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(down_aux [a, i] per linear, up_aux [o, b] per linear): new lists of the cached (shared) tensors, made
         now if absent (``progress(done, total)`` after each linear; once, at the end, when cached)."""
-        key, total = (targets, int(seed), int(a), int(b)), len(targets.linears)
+        key, total = _key(targets, seed, a, b), len(targets.linears)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:

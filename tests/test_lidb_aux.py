@@ -97,6 +97,18 @@ def test_the_cache_reuses_a_layout_and_reports_it_once():
     assert not torch.equal(other[0], again_down[0]) and len(cache) == 2
 
 
+def test_the_cache_knows_a_layout_by_its_linears():
+    """Refine from zero names its layout after the MODEL and groups it by module; a LiDB file keeps the name it was
+    saved with: the same linears, seed, a and b are the same matrices."""
+    cache, targets = AuxCache(), tiny_targets()
+    renamed = TargetLayers("SDXL", (TargetModule("all", targets.linears),))
+    assert renamed != targets
+    first = cache.matrices(targets, 5, 8, 4)[0]
+    assert cache.matrices(renamed, 5, 8, 4)[0][3] is first[3] and len(cache) == 1
+    reordered = TargetLayers("tiny", tuple(reversed(targets.modules)))
+    assert cache.matrices(reordered, 5, 8, 4)[0][0] is not first[4] and len(cache) == 2  # row j is linear j
+
+
 def test_the_cache_stays_within_its_budget():
     targets = tiny_targets()
     one = layout_bytes(targets, 8, 4)

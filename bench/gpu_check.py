@@ -13,7 +13,10 @@ Reported, one table (and --json):
 * sampling: s/step of ComfyUI's sampler (euler, cfg 5) at 1024² without and with the identity applied at 0.85
   (ComfyUI patches the weights once; the ratio should be 1.00);
 * HyperLoRA Refine at 1024², 50 steps, batch 1, each mode, gradient checkpointing on and off: seconds and
-  ``torch.cuda.max_memory_allocated`` (the process's max RSS on the CPU).
+  ``torch.cuda.max_memory_allocated`` (the process's max RSS on the CPU);
+* training (bench/train.py's comparison): s/step of a plain rank-8 LoRA step and of Trainer.train_step in stages
+  1-3 at 1024², batch 1, bf16, with each one's ratio to the plain step (the goal: at most 1.3×) and its
+  ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refine import CONFIGS, build, comfy_modules, pack_modules, predicted_identity, run_refine  # noqa: E402
 
-SIZES = {  # size -> sampling steps timed, refine steps, resolution, photos for predict + mix
-    "full": {"sample_steps": 8, "refine_steps": 50, "resolution": 1024, "photos": (1, 4)},
-    "tiny": {"sample_steps": 2, "refine_steps": 2, "resolution": 64, "photos": (1, 4)},
+SIZES = {  # size -> sampling steps timed, refine steps, resolution, photos for predict + mix, training batch/steps
+    "full": {"sample_steps": 8, "refine_steps": 50, "resolution": 1024, "photos": (1, 4), "train_batch": 1,
+             "train_steps": 3},
+    "tiny": {"sample_steps": 2, "refine_steps": 2, "resolution": 64, "photos": (1, 4), "train_batch": 2,
+             "train_steps": 1},
 }
 
 
@@ -150,8 +155,25 @@ def run(args) -> dict:
         row.update(mode=mode, checkpointing=checkpointing, peak_bytes=peak(args.device), lora_pairs=len(lora) // 3)
         report["refine"].append(row)
         comfy.model_management.unload_all_models()
+    del model, patched
+    comfy.model_management.unload_all_models()
+    report["training"] = training_steps(args.size, args.device)
     report["total_s"] = time.perf_counter() - t0
     return report
+
+
+def training_steps(size: str, device: str) -> dict:
+    """bench/train.py's comparison at this size: a plain LoRA step and Trainer.train_step of stages 1-3 on a
+    random SDXL UNet (bf16 on the GPU; full size: 1024², the released hypernetwork sizes)."""
+    import train as train_bench
+
+    precision = "bf16" if device == "cuda" else "fp32"
+    denoiser, latent = train_bench.comfy_denoiser(size, device, precision)
+    model = train_bench.TINY_MODEL if size == "tiny" else {}
+    data = train_bench.RandomData(latent, model.get("clip_dim", 1024), 5 if size == "tiny" else 257)
+    batch = SIZES[size]["train_batch"]
+    rows = train_bench.time_steps(denoiser, data, batch, model, device, precision, SIZES[size]["train_steps"])
+    return {"batch": batch, "precision": precision, "rows": rows}
 
 
 def table(r: dict) -> str:
@@ -173,6 +195,14 @@ def table(r: dict) -> str:
         lines.append(f"{row['mode']:<14}{'on' if row['checkpointing'] else 'off':<6}{row['steps']:>6}"
                      f"{row['total_s']:>9.1f}{row['step_s']:>8.3f}{row['step_s'] / base['step_s']:>10.2f}×"
                      f"{row['peak_bytes'] / gib:>18.2f} GiB{row['peak_bytes'] / base['peak_bytes']:>10.2f}×")
+    train = r["training"]
+    plain = train["rows"][0]["s"]
+    lines.append(f"{'training step':<24}{'s/step':>9}{'samples/s':>11}{'÷ plain LoRA':>14}{memory:>22}   "
+                 f"(batch {train['batch']}, {train['precision']})")
+    for row in train["rows"]:
+        held = f"{row['peak_bytes'] / gib:.2f} GiB" if row["peak_bytes"] is not None else "-"
+        lines.append(f"{row['step']:<24}{row['s']:>9.3f}{train['batch'] / row['s']:>11.2f}{row['s'] / plain:>13.2f}×"
+                     f"{held:>22}")
     return "\n".join(lines) + "\n"
 
 

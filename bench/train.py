@@ -56,7 +56,8 @@ class RandomData:
                      self.arcface[positions], self.clip[positions])
 
 
-def _comfy_denoiser(size: str, device: str, precision: str):
+def comfy_denoiser(size: str, device: str, precision: str, *, fake: bool = False):
+    """(denoiser, latent shape); ``fake``: built under FakeTensorMode (bench/train_memory.py), weights left as made."""
     comfyui = os.environ.get("COMFYUI_PATH")
     if not comfyui:
         raise SystemExit("--backend comfy needs COMFYUI_PATH (a ComfyUI v0.3.64 checkout)")
@@ -64,7 +65,7 @@ def _comfy_denoiser(size: str, device: str, precision: str):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device in ("cpu", "meta")
-    comfy.cli_args.args.use_pytorch_cross_attention = device == "meta"  # SDPA: its math path counts on meta
+    comfy.cli_args.args.use_pytorch_cross_attention = device == "meta" or fake  # SDPA: runs on meta/fake tensors
     import comfy.model_management  # noqa: F401
     from nodepack import tiny
 
@@ -79,7 +80,7 @@ def _comfy_denoiser(size: str, device: str, precision: str):
     supported = comfy.supported_models.SDXL(config)
     supported.set_inference_dtype(torch.bfloat16 if precision == "bf16" else torch.float16, None)
     net = supported.get_model({}, device="meta" if device == "meta" else None)
-    if device != "meta":
+    if device != "meta" and not fake:
         tiny.randomise(net, 0)
 
     class FixedText(ComfyDenoiser):
@@ -133,6 +134,34 @@ def plain_lora_step(denoiser, data, batch: int, rank: int, device: str, precisio
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def time_steps(denoiser, data, batch: int, model: dict, device: str, precision: str, steps: int) -> list[dict]:
+    """[{"step", "s" (median seconds of ``steps`` steps after a warm-up), "params" (hypernetwork parameters),
+    "peak_bytes" (cuda: max_memory_allocated during that configuration, else None)}]: the plain LoRA step, then
+    ``Trainer.train_step`` of stages 1, 2 and 3."""
+    rank = TrainConfig().replace(model=model).model.id_rank
+    cuda = device == "cuda"
+
+    def measured(name: str, step, params: int | None) -> dict:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = _time(step, steps, device)
+        return {"step": name, "s": seconds, "params": params,
+                "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+    rows = [measured(f"plain LoRA (rank {rank})", plain_lora_step(denoiser, data, batch, rank, device, precision),
+                     None)]
+    with tempfile.TemporaryDirectory() as out:
+        for stage in (1, 2, 3):
+            config = TrainConfig().replace(model=model, stage={"stage": stage},
+                                           run={"out": out, "batch": batch, "device": device,
+                                                "precision": precision}, optim={"steps": 1000})
+            trainer = Trainer(config, denoiser, data)
+            rows.append(measured(f"HyperLoRA stage {stage}", trainer.train_step,
+                                 sum(p.numel() for p in trainer.net.parameters())))
+            del trainer
+    return rows
 
 
 def _counted(fn) -> float:
@@ -218,35 +247,24 @@ def main() -> None:
         denoiser, data = ToyDenoiser().requires_grad_(False), SyntheticIdentities()
         model = TINY_MODEL
     else:
-        denoiser, latent = _comfy_denoiser(args.size, args.device, args.precision)
+        denoiser, latent = comfy_denoiser(args.size, args.device, args.precision)
         model = TINY_MODEL if args.size == "tiny" else {}
         data = RandomData(latent, model.get("clip_dim", 1024), 5 if args.size == "tiny" else 257)
     rank = TrainConfig().replace(model=model).model.id_rank
     if args.device == "meta":
         print_flops(count_flops(denoiser, data, batch, rank, model), batch, args.precision)
         return
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    plain = _time(plain_lora_step(denoiser, data, batch, rank, args.device, args.precision), args.steps, args.device)
-    rows = [(f"plain LoRA (rank {rank})", plain, None)]
-    with tempfile.TemporaryDirectory() as out:
-        for stage in (1, 2, 3):
-            config = TrainConfig().replace(model=model, stage={"stage": stage},
-                                           run={"out": out, "batch": batch, "device": args.device,
-                                                "precision": args.precision}, optim={"steps": 1000})
-            trainer = Trainer(config, denoiser, data)
-            params = sum(p.numel() for p in trainer.net.parameters())
-            rows.append((f"HyperLoRA stage {stage}", _time(trainer.train_step, args.steps, args.device), params))
-            del trainer
+    rows = time_steps(denoiser, data, batch, model, args.device, args.precision, args.steps)
+    plain = rows[0]["s"]
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     where = "GPU" if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.backend} {args.size}, {len(denoiser.targets.modules)} attention modules, batch {batch}, "
           f"{args.precision}, {where}, median of {args.steps} steps")
     print(f"{'step':<24}{'s/step':>9}{'samples/s':>11}{'÷ plain LoRA':>14}{'hypernet params':>17}")
-    for name, seconds, params in rows:
-        print(f"{name:<24}{seconds:>9.4f}{batch / seconds:>11.1f}{seconds / plain:>13.2f}×"
-              f"{(f'{params / 1e6:.2f} M' if params else '-'):>17}")
+    for row in rows:
+        params = f"{row['params'] / 1e6:.2f} M" if row["params"] else "-"
+        print(f"{row['step']:<24}{row['s']:>9.4f}{batch / row['s']:>11.1f}{row['s'] / plain:>13.2f}×{params:>17}")
     print(f"peak memory {peak / 2**30:.2f} GiB (" + ("torch.cuda.max_memory_allocated" if args.device == "cuda"
                                                       else "process max RSS") + ")")
 

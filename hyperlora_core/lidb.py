@@ -285,19 +285,6 @@ def targets_from_shapes(family: str, shapes: Mapping[str, tuple[int, int]]) -> T
     return TargetLayers(family, tuple(TargetModule(name, tuple(lins)) for name, lins in groups.items()))
 
 
-def check_fits(targets: TargetLayers, shapes: Mapping[str, tuple[int, ...]], what: str = "the MODEL") -> None:
-    """Refuse target layers that ``what`` (``{key: weight shape [out, in]}``) lacks or has at other sizes."""
-    for linear in targets.linears:
-        found = shapes.get(linear.key)
-        if found is None:
-            raise LidbMismatchError(f"the LiDB adapts '{linear.key}', which {what} does not have: it was trained for "
-                                    f"another kind of model ({targets.family}). Use a LiDB trained for this model.")
-        if tuple(found) != (linear.out_features, linear.in_features):
-            raise LidbMismatchError(
-                f"the LiDB adapts '{linear.key}' as {linear.in_features} -> {linear.out_features}, but in {what} it "
-                f"is {found[1]} -> {found[0]}: it was trained for another model. Use a LiDB trained for this one.")
-
-
 def decode_targets(text: str) -> dict:
     """The description stored in ``metadata['targets']``, inflated at most to MAX_TARGETS_BYTES."""
     inflater = zlib.decompressobj()

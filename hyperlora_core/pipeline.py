@@ -95,23 +95,10 @@ class IdentityPipeline:
     def conditions(self, images: Sequence[object], options: CropOptions = CropOptions(), on_failure: str = "error",
                    progress: Progress | None = None) -> Conditions:
         from .crops import base_crop, clip_crop
-        from .images import to_rgb8
 
-        if on_failure not in ON_FAILURE:
-            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-        if len(images) == 0:
-            raise ConditionError("no reference image given (the image batch is empty): connect at least one photo "
-                                 "of the person to the image input")
-        crops, bases, embeds, used, skipped, reports = [], [], [], [], {}, []
-        for i, raw in enumerate(images):
-            image = to_rgb8(raw, index=i)
-            result = self.analyze(image, i, options)
-            reports.append(f"photo {i + 1}: {result.summary()}")
-            if not result.ok:
-                if on_failure == "error":
-                    result.raise_for_failure(SKIP_HINT if len(images) > 1 else "")
-                skipped[i] = result.reason
-                continue
+        found = usable_faces(images, lambda image, i: self.analyze(image, i, options), on_failure, progress)
+        crops, bases, embeds = [], [], []
+        for _, image, result in found.faces:
             landmarks = result.face.landmark_106
             crops.append(clip_crop(image, landmarks, remove_background=options.remove_background,
                                    grayscale=options.grayscale))
@@ -119,18 +106,12 @@ class IdentityPipeline:
                 bases.append(base_crop(image, landmarks, options.base))
             if result.face.embedding is not None:
                 embeds.append(torch.from_numpy(np.asarray(result.face.embedding, dtype=np.float32)))
-            used.append(i)
-            if progress is not None:
-                progress(i + 1, len(images))
-        if not used:
-            raise ConditionError(f"no usable face in any of the {len(images)} photo(s), so on_failure: skip left "
-                                 "none to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in skipped.items())
-                                 + "). Give at least one photo where one face is clearly visible.")
         clip_tokens = self._encode_clip(crops) if "clip" in self.hyperlora.encoders else None
         id_embeds = torch.stack(embeds) if "arcface" in self.hyperlora.encoders else None
         base_tokens = self._encode_clip(bases) if bases else None
-        return Conditions(clip_tokens=clip_tokens, id_embeds=id_embeds, used=used, skipped=skipped, previews=crops,
-                          reports=reports, base_clip_tokens=base_tokens, base_previews=bases)
+        return Conditions(clip_tokens=clip_tokens, id_embeds=id_embeds, used=[i for i, _, _ in found.faces],
+                          skipped=found.skipped, previews=crops, reports=found.reports, base_clip_tokens=base_tokens,
+                          base_previews=bases)
 
     def _encode_clip(self, crops: list[np.ndarray]) -> torch.Tensor:
         from .clip import preprocess
@@ -159,6 +140,50 @@ class IdentityPipeline:
         identity.meta.update({"images_used": ",".join(map(str, conditions.used)),
                               "images_skipped": ",".join(map(str, conditions.skipped))})
         return identity, conditions
+
+
+@dataclass
+class UsableFaces:
+    """The photos of a batch in which face analysis found a usable face, and what became of the others."""
+
+    faces: list[tuple[int, np.ndarray, object]]  # (image index, RGB uint8 image, its FaceResult) per usable photo
+    skipped: dict[int, str]  # image index -> reason it was left out (on_failure "skip")
+    reports: list[str]  # one line per analysed image: what was found
+
+
+def usable_faces(images: Sequence[object], analyze: Callable[[np.ndarray, int], object], on_failure: str = "error",
+                 progress: Progress | None = None) -> UsableFaces:
+    """Analyse each photo (``analyze(rgb_uint8, index)`` returns a FaceResult) and keep those with a usable face.
+
+    on_failure "error": the first photo without one raises its own error, naming the image; "skip": it is left out,
+    and only a batch with none left is refused. An empty batch is refused. Every consumer of face photos (HyperLoRA
+    Face, HyperDreamBooth) goes through here, so they accept and refuse the same photos with the same words.
+    """
+    from .images import to_rgb8
+
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    if len(images) == 0:
+        raise ConditionError("no reference image given (the image batch is empty): connect at least one photo "
+                             "of the person to the image input")
+    found = UsableFaces(faces=[], skipped={}, reports=[])
+    for i, raw in enumerate(images):
+        image = to_rgb8(raw, index=i)
+        result = analyze(image, i)
+        found.reports.append(f"photo {i + 1}: {result.summary()}")
+        if not result.ok:
+            if on_failure == "error":
+                result.raise_for_failure(SKIP_HINT if len(images) > 1 else "")
+            found.skipped[i] = result.reason
+            continue
+        found.faces.append((i, image, result))
+        if progress is not None:
+            progress(i + 1, len(images))
+    if not found.faces:
+        raise ConditionError(f"no usable face in any of the {len(images)} photo(s), so on_failure: skip left "
+                             "none to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in found.skipped.items())
+                             + "). Give at least one photo where one face is clearly visible.")
+    return found
 
 
 def _digest(image: np.ndarray) -> str:

@@ -43,6 +43,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),  # fp8 releases of diffusion models (checked when training loads one)
+    "F8_E5M2": (torch.float8_e5m2, 1),
 }
 
 

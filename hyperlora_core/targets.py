@@ -213,10 +213,11 @@ def released_json(layers: TargetLayers, naming: str = "kohya_diffusers") -> dict
     return table
 
 
-def check_fits(targets: TargetLayers, weights: Mapping[str, Sequence[int]], model_family: str) -> None:
+def check_fits(targets: TargetLayers, weights: Mapping[str, Sequence[int]], model_family: str, *,
+               what: str = "HyperLoRA", error: type[Exception] = ModuleMismatchError) -> None:
     """Refuse a model whose weights (``{ComfyUI key: shape}``, e.g. from its state dict) lack a target linear or
     have it at other sizes; the message names both families and the first target, in token order, that does not
-    fit."""
+    fit. ``what`` is the thing made for ``targets`` (a HyperLoRA, a LiDB), ``error`` the class raised."""
     missing, other = [], []
     for lin in targets.linears:
         found = weights.get(lin.key + ".weight")
@@ -230,13 +231,13 @@ def check_fits(targets: TargetLayers, weights: Mapping[str, Sequence[int]], mode
     first = min([*missing, *(lin for lin, _ in other)], key=lambda lin: order[lin.key])
     shape = dict((lin.key, found) for lin, found in other).get(first.key)
     where = (f"{first.key} does not exist in the MODEL" if shape is None else
-             f"{first.key} is {list(shape)} in the MODEL, {list(first.weight_shape)} in the HyperLoRA")
+             f"{first.key} is {list(shape)} in the MODEL, {list(first.weight_shape)} in the {what}")
     parts = [f"{len(missing)} of its {len(targets.linears)} layers do not exist in the MODEL"] if missing else []
     parts += [f"{len(other)} have other sizes"] if other else []
     if model_family != targets.family:
-        advice = f"Use a model of the {targets.family} family, or a HyperLoRA made for {model_family}."
+        advice = f"Use a model of the {targets.family} family, or a {what} made for {model_family}."
     else:
-        advice = (f"The MODEL is a {model_family} of other widths than this HyperLoRA was made for: use a standard "
-                  f"{targets.family} model, or a HyperLoRA trained on this one.")
-    raise ModuleMismatchError(f"This HyperLoRA was made for {targets.family} and the MODEL is {model_family}: they "
-                              f"do not fit. First layer that does not fit: {where}; {' and '.join(parts)}. {advice}")
+        advice = (f"The MODEL is a {model_family} of other widths than this {what} was made for: use a standard "
+                  f"{targets.family} model, or a {what} trained on this one.")
+    raise error(f"This {what} was made for {targets.family} and the MODEL is {model_family}: they do not fit. "
+                f"First layer that does not fit: {where}; {' and '.join(parts)}. {advice}")

@@ -52,12 +52,12 @@ def model_family(model) -> str:
     return type(model.model.model_config).__name__
 
 
-def check_model(model, targets: TargetLayers) -> None:
-    """Refuse, before any mixing or sampling, a MODEL that lacks a layer the HyperLoRA targets or has it at other
-    sizes (a checkpoint of another family): the message names both families and the first layer that does not
-    fit."""
+def check_model(model, targets: TargetLayers, **made_for) -> None:
+    """Refuse, before any mixing or sampling, a MODEL that lacks a layer the HyperLoRA (or, with ``what`` and
+    ``error`` as check_fits takes them, a LiDB) targets or has it at other sizes (a checkpoint of another family):
+    the message names both families and the first layer that does not fit."""
     shapes = {key: tuple(w.shape) for key, w in model.model_state_dict().items()}
-    check_fits(targets, shapes, model_family(model))
+    check_fits(targets, shapes, model_family(model), **made_for)
 
 
 def apply_identity(model, handle, identity, id_strength: float, base_strength: float = 0.0):

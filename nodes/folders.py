@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..hyperlora_core.errors import CheckpointFileMissing, FaceModelMissing, InputValueError
 from ..hyperlora_core.sources import ANTELOPEV2, CHECKPOINT
@@ -223,6 +224,13 @@ def shown_path(target: Path) -> str:
         return "models/" + Path(target).resolve().relative_to(Path(folder_paths.models_dir).resolve()).as_posix()
     except ValueError:
         return str(target)
+
+
+def saved_output(kind: str, target: Path) -> io.NodeOutput:
+    """A save node's output: the file's name as the dropdown of ``kind`` lists it, shown under the node with the
+    path where a user finds it."""
+    name = saved_name(kind, target)
+    return io.NodeOutput(name, ui={"text": [name], "saved_path": [shown_path(target)]})
 
 
 def check_prefix(prefix: str, folder: str) -> list[str]:

@@ -18,10 +18,9 @@ import comfy.model_patcher
 import comfy.utils
 from comfy_api.latest import io
 
-from ..hyperlora_core.errors import ConditionError
 from ..hyperlora_core.hdb.checkpoint import load_hdb, predict_lidb
 from ..hyperlora_core.hdb.network import HyperDreamBooth
-from ..hyperlora_core.pipeline import ON_FAILURE, SKIP_HINT
+from ..hyperlora_core.pipeline import ON_FAILURE, usable_faces
 from . import folders
 from .handle import offload
 from .identity import previews
@@ -57,30 +56,15 @@ def analyzer_for(name: str, provider: str):
 
 
 def face_crops(faces, image, *, remove_background: bool, face_index: int | None, on_failure: str, bar) -> list:
-    """The CLIP crops of the usable photos of an IMAGE batch, refused as HyperLoRA Face refuses them."""
+    """The CLIP crops of the usable photos of an IMAGE batch, found and refused as HyperLoRA Face does it."""
     from ..hyperlora_core.crops import clip_crop
-    from ..hyperlora_core.images import to_rgb8
 
-    if len(image) == 0:
-        raise ConditionError("no reference image given (the image batch is empty): connect at least one photo "
-                             "of the person to the image input")
-    crops, skipped = [], {}
-    for i, raw in enumerate(image):
-        rgb = to_rgb8(raw.cpu().numpy(), index=i)
-        result = faces.analyze(rgb, index=i, face_index=face_index, embed=False)
-        log.info("HyperDreamBooth Identity: photo %d: %s", i + 1, result.summary())
-        if not result.ok:
-            if on_failure == "error":
-                result.raise_for_failure(SKIP_HINT if len(image) > 1 else "")
-            skipped[i] = result.reason
-            continue
-        crops.append(clip_crop(rgb, result.face.landmark_106, remove_background=remove_background, grayscale=False))
-        bar.update_absolute(i + 1)
-    if not crops:
-        raise ConditionError(f"no usable face in any of the {len(image)} photo(s), so on_failure: skip left none "
-                             "to use (" + "; ".join(f"photo {i + 1}: {r}" for i, r in skipped.items())
-                             + "). Give at least one photo where one face is clearly visible.")
-    return crops
+    found = usable_faces(image, lambda rgb, i: faces.analyze(rgb, index=i, face_index=face_index, embed=False),
+                         on_failure, progress=lambda done, total: bar.update_absolute(done))
+    for line in found.reports:  # one line per photo: what was found
+        log.info("HyperDreamBooth Identity: %s", line)
+    return [clip_crop(rgb, result.face.landmark_106, remove_background=remove_background, grayscale=False)
+            for _, rgb, result in found.faces]
 
 
 class LoadHyperDreamBooth(io.ComfyNode):

@@ -56,9 +56,8 @@ class SaveLiDB(io.ComfyNode):
                                   "lidb.")
         target = folders.save_target(folders.LIDB, filename_prefix)
         lidb.save(target, storage=storage)
-        name = folders.saved_name(folders.LIDB, target)
         log.info("saved LiDB %s", target)
-        return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})
+        return folders.saved_output(folders.LIDB, target)
 
 
 class LoadLiDB(io.ComfyNode):

@@ -58,9 +58,8 @@ class SaveHyperLoRA(io.ComfyNode):
         save_lora(lora, target, dtype=lora_dtype(hyper_lora),
                   metadata={"hyperlora_fingerprint": hyper_lora.core.fingerprint,
                             "hyperlora_trigger_words": TRIGGER_WORDS})
-        name = folders.saved_name("loras", target)
         log.info("saved HyperLoRA LoRA %s", target)
-        return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})
+        return folders.saved_output("loras", target)
 
 
 class SaveHyperLoRAIdentity(io.ComfyNode):
@@ -86,8 +85,7 @@ class SaveHyperLoRAIdentity(io.ComfyNode):
     def execute(cls, identity, filename_prefix, storage) -> io.NodeOutput:
         target = folders.save_target(folders.IDENTITIES, filename_prefix)
         identity.save(target, storage=storage)
-        name = folders.saved_name(folders.IDENTITIES, target)
-        return io.NodeOutput(name, ui={"text": [name], "saved_path": [folders.shown_path(target)]})
+        return folders.saved_output(folders.IDENTITIES, target)
 
 
 class LoadHyperLoRAIdentity(io.ComfyNode):

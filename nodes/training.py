@@ -18,8 +18,9 @@ import comfy.utils
 import torch
 
 from ..hyperlora_core.arithmetic import combine_by_rank
+from ..hyperlora_core.errors import LidbMismatchError
 from ..hyperlora_core.finetune import CoefficientLoRA, LidbOnBase, Parametrisation, RankRelaxed, RefineResult
-from ..hyperlora_core.lidb import LIDB_SEED, LiDB, LidbAux, check_fits, targets_from_shapes
+from ..hyperlora_core.lidb import LIDB_SEED, LiDB, LidbAux, targets_from_shapes
 from ..hyperlora_core.lora_io import lora_prefixes
 from ..hyperlora_core.refine import RefineConfig, RefineInputError, denoising_loss, draw_batch, reference_views, train
 from .apply import check_model, make_lora
@@ -241,7 +242,7 @@ def _start(model, handle, identity, start: LiDB | None):
         predicted = make_lora(handle, identity, "id", key_format="comfy", release=True)  # the basis's pages
         handle.core.release_bases()  # leave as they are mixed; coefficients mode maps the bases it trains with
     if start is not None:
-        check_fits(start.targets, weight_shapes(model))
+        check_model(model, start.targets, what="LiDB", error=LidbMismatchError)
     return predicted
 
 

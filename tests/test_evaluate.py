@@ -13,17 +13,15 @@ from hyperlora_core.errors import FaceNotFoundError
 from hyperlora_core.evaluate import face_similarity
 from hyperlora_core.face import FaceAnalyzer
 
-from face_doubles import centred_box, paint_face, write_antelopev2
+import face_fixtures
+from face_doubles import centred_box, paint_face
+
+antelope = face_fixtures.antelope  # the shared fixture
 
 
 def _face(seed, cx=320, side=150):
     img = np.zeros((640, 640, 3), np.uint8)
     return paint_face(img, centred_box(cx, 320, side), seed=seed)
-
-
-@pytest.fixture(scope="module")
-def antelope(tmp_path_factory):
-    return write_antelopev2(tmp_path_factory.mktemp("insightface") / "antelopev2")
 
 
 def test_scores_are_mean_cosines_to_the_references(antelope):

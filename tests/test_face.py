@@ -14,6 +14,7 @@ from hyperlora_core.errors import FaceModelError, FaceModelMissing, FaceNotFound
 from hyperlora_core.face import FaceAnalyzer, FaceResult, resolve_providers  # noqa: E402
 from hyperlora_core.images import to_rgb8  # noqa: E402
 
+import face_fixtures  # noqa: E402
 from face_doubles import (  # noqa: E402
     ANTELOPE_FILES,
     centred_box,
@@ -23,15 +24,7 @@ from face_doubles import (  # noqa: E402
     write_landmark,
 )
 
-
-@pytest.fixture(scope="module")
-def antelope(tmp_path_factory):
-    return write_antelopev2(tmp_path_factory.mktemp("insightface") / "antelopev2")
-
-
-@pytest.fixture(scope="module")
-def analyzer(antelope):
-    return FaceAnalyzer(antelope, providers="cpu")
+antelope, analyzer = face_fixtures.antelope, face_fixtures.analyzer  # the shared fixtures
 
 
 @pytest.fixture()

@@ -328,15 +328,22 @@ def test_lidb_on_a_frozen_base_trains_only_the_lidb_and_returns_what_it_trained(
 
 
 def test_targets_from_weight_shapes_group_by_module_and_check_a_model():
-    from hyperlora_core.lidb import check_fits, targets_from_shapes
+    """The LiDB targets read off a MODEL's weights, and the one fit check (targets.check_fits) speaking of a LiDB."""
+    from hyperlora_core.lidb import targets_from_shapes
+    from hyperlora_core.targets import check_fits
 
     targets = tiny_targets()
     shapes = {lin.key: (lin.out_features, lin.in_features) for lin in targets.linears}
     assert targets_from_shapes("tiny", shapes) == targets  # to_out.0 belongs to its attention module
-    check_fits(targets, shapes)
-    with pytest.raises(LidbMismatchError, match="does not have"):
-        check_fits(targets, dict(list(shapes.items())[1:]))
-    wrong = dict(shapes)
-    wrong[targets.linears[5].key] = (16, 32)
-    with pytest.raises(LidbMismatchError, match=r"as 24 -> 16, but in the MODEL it is 32 -> 16"):
-        check_fits(targets, wrong)
+    weights = {key + ".weight": shape for key, shape in shapes.items()}
+    as_lidb = dict(what="LiDB", error=LidbMismatchError)
+    check_fits(targets, weights, "tiny", **as_lidb)
+    with pytest.raises(LidbMismatchError, match=r"This LiDB was made for tiny and the MODEL is SD15: .*attn1\.to_q "
+                                                r"does not exist in the MODEL; 1 of its 8 layers .* or a LiDB made for "
+                                                r"SD15\."):
+        check_fits(targets, dict(list(weights.items())[1:]), "SD15", **as_lidb)
+    wrong = dict(weights)
+    wrong[targets.linears[5].key + ".weight"] = (16, 32)
+    with pytest.raises(LidbMismatchError, match=r"attn2\.to_k is \[16, 32\] in the MODEL, \[16, 24\] in the LiDB; "
+                                                r"1 have other sizes\. .* or a LiDB trained on this one\."):
+        check_fits(targets, wrong, "tiny", **as_lidb)

@@ -17,15 +17,13 @@ from hyperlora_core.face import FaceAnalyzer
 from hyperlora_core.pipeline import CropOptions, IdentityPipeline
 from hyperlora_core.synthetic import TINY_UNET
 
-from face_doubles import astronaut_landmarks, centred_box, paint_face, write_antelopev2
+import face_fixtures
+from face_doubles import astronaut_landmarks, centred_box, paint_face
 from helpers import TINY_CLIP_WIDTH
 
 pytest.importorskip("insightface")
 
-
-@pytest.fixture(scope="module")
-def antelope(tmp_path_factory):
-    return write_antelopev2(tmp_path_factory.mktemp("insightface") / "antelopev2")
+antelope = face_fixtures.antelope  # the shared fixture
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,10 @@ from hyperlora_core import crops  # noqa: E402
 from hyperlora_core.clip import preprocess  # noqa: E402
 from hyperlora_core.face import FaceAnalyzer  # noqa: E402
 
-from face_doubles import centred_box, paint_face, write_antelopev2  # noqa: E402
+import face_fixtures  # noqa: E402
+from face_doubles import centred_box, paint_face  # noqa: E402
+
+antelope, analyzer = face_fixtures.antelope, face_fixtures.analyzer  # the shared fixtures
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +174,6 @@ CASES = {
     "grayscale": Case(astronaut, grayscale=True),
     "grey_photo": Case(tight_head_shot, grayscale=True, grey_photo=True),
 }
-
-
-@pytest.fixture(scope="module")
-def antelope(tmp_path_factory):
-    return write_antelopev2(tmp_path_factory.mktemp("insightface") / "antelopev2")
-
-
-@pytest.fixture(scope="module")
-def analyzer(antelope):
-    return FaceAnalyzer(antelope, providers="cpu")
 
 
 @pytest.fixture(scope="module")

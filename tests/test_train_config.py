@@ -24,6 +24,15 @@ BAD = [  # (toml text, words the message must contain)
     ("[optim]\nema = 1.0\n", ["optim.ema"]),
     ("[run]\nprecision = 'fp8'\n", ["run.precision"]),
     ("[data]\nbackend = 'comfy'\n", ["data.base_model"]),
+    ("[data]\nbackend = 'comfy'\nbase_model = 'a.safetensors'\ndiffusion_model = 'b.safetensors'\n",
+     ["data.base_model", "data.diffusion_model"]),
+    ("[data]\nbackend = 'comfy'\ndiffusion_model = 'unet.safetensors'\nshards = 's'\nclip_vision = 'c'\n",
+     ["data.text_encoders", "data.vae"]),
+    ("[data]\nbackend = 'comfy'\nbase_model = 'a.safetensors'\n", ["data.shards", "data.clip_vision"]),
+    ("[data]\ntext_encoders = [1, 2]\n", ["data.text_encoders", "list"]),
+    ("[data]\ntext_encoders = ['a', 'b', 'c', 'd', 'e']\n", ["data.text_encoders", "up to 4"]),
+    ("[data]\nbackend = 'comfy'\nbase_model = 'a'\nshards = 's'\nclip_vision = 'c'\ntext_encoder_type = 'SDXL'\n",
+     ["data.text_encoder_type", "'sdxl'"]),
     ("[model\n", ["not valid TOML"]),
 ]
 
@@ -93,3 +102,17 @@ def test_the_shipped_hyperdreambooth_config_loads():
     assert config.stage.stage == "hdb" and config.hdb.supervision == "runs/lidb" and config.hdb.encoder
     assert (config.lidb.a, config.lidb.b) == (100, 50) and config.data.backend == "comfy"
     assert type(config).from_dict(config.to_dict()) == config
+
+
+def test_separate_base_model_files_read(tmp_path):
+    """A diffusion model with its text encoders and VAE (one text encoder may be written without the list)."""
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nbackend = 'comfy'\ndiffusion_model = 'unet.safetensors'\nvae = 'vae.safetensors'\n"
+                    "text_encoders = ['clip_l.safetensors', 'clip_g.safetensors']\ntext_encoder_type = 'sdxl'\n"
+                    "shards = 's'\nclip_vision = 'c'\n")
+    data = load_config(path).data
+    assert data.text_encoders == ("clip_l.safetensors", "clip_g.safetensors") and data.text_encoder_type == "sdxl"
+    assert type(load_config(path)).from_dict(load_config(path).to_dict()).data == data
+    path.write_text("[data]\ntext_encoders = 't5xxl.safetensors'\n")
+    assert load_config(path).data.text_encoders == ("t5xxl.safetensors",)
+

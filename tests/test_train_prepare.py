@@ -15,7 +15,10 @@ from hyperlora_core.train.cli import main
 from hyperlora_core.train.prepare import estimate_yaw
 from hyperlora_core.train.shards import ShardDataset
 
-from face_doubles import centred_box, paint_face, write_antelopev2
+import face_fixtures
+from face_doubles import centred_box, paint_face
+
+antelope = face_fixtures.antelope  # the shared fixture
 
 CASES = {  # name -> (faces as (cx, cy, side), expected verdict)
     "one_big": ([(320, 320, 150)], "ok"),
@@ -32,11 +35,6 @@ def _write(folder, name, faces, seed):
         paint_face(img, centred_box(cx, cy, side), seed=seed + k)
     Image.fromarray(img).save(folder / f"{name}.png")
     (folder / f"{name}.txt").write_text(f"a photo, {name}")
-
-
-@pytest.fixture(scope="module")
-def antelope(tmp_path_factory):
-    return write_antelopev2(tmp_path_factory.mktemp("insightface") / "antelopev2")
 
 
 def _prepare(images, out, antelope):

@@ -20,7 +20,7 @@ import torch
 
 from hyperlora_core.target_scan import read_tree, scan_targets
 from hyperlora_core.targets import MODEL_PREFIX, TargetLayers
-from hyperlora_core.train.config import ValidationConfig
+from hyperlora_core.train.config import DataConfig, ValidationConfig
 from hyperlora_core.train.denoiser import Batch, Factors, select
 
 from .inplace import guard_inplace_streams
@@ -225,26 +225,21 @@ def shard_encoder(vae, clip_encoder, *, resolution: int, device: torch.device | 
     return encode
 
 
-def load_comfy_denoiser(base_model: str, *, comfyui: str | None = None, device: str = "auto",
-                        resolution: int = 1024, feed_forward: bool = False,
-                        precision: str = "fp32") -> tuple[ComfyDenoiser, object]:
-    """Load a checkpoint file with ``comfy.sd.load_checkpoint_guess_config``: (denoiser, its VAE). With bf16
-    training the frozen UNet is kept in bf16, so that autocast does not cast its weights again at every call
-    (otherwise ComfyUI picks the dtype, usually fp16 on a GPU)."""
-    if comfyui:
-        sys.path.insert(0, str(Path(comfyui)))
+def load_comfy_denoiser(data: DataConfig, *, device: str = "auto", precision: str = "fp32",
+                        te_options: dict | None = None) -> tuple[ComfyDenoiser, object]:
+    """The base model of ``data`` (a checkpoint, or a diffusion model + text encoders + VAE; ``models.py``) loaded
+    by ComfyUI's own loaders: (denoiser, its VAE). ``te_options``: ComfyUI's text-encoder model_options."""
+    if data.comfyui:
+        sys.path.insert(0, str(Path(data.comfyui)))
     try:
-        import comfy.sd
+        import comfy.sd  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("the comfy backend imports ComfyUI as a library: set data.comfyui to a ComfyUI "
                            "checkout (or put one on PYTHONPATH)") from exc
-    path = Path(base_model)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.base_model '{path}' does not exist (a .safetensors checkpoint ComfyUI loads)")
-    options = {"dtype": torch.bfloat16} if precision == "bf16" else {}
-    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True,
-                                                                  model_options=options)
+    from .models import load_base_model
+
+    model = load_base_model(data, precision=precision, te_options=te_options)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ComfyDenoiser(patcher, clip, device=device, resolution=resolution, feed_forward=feed_forward,
-                         vae=vae), vae
+    return ComfyDenoiser(model.patcher, model.clip, device=device, resolution=data.resolution,
+                         feed_forward=data.feed_forward, vae=model.vae), model.vae

@@ -34,9 +34,7 @@ def build_backend(config: TrainConfig):
     from .shards import ShardDataset
 
     backend = importlib.import_module("train_comfy.backend")  # the host side: ComfyUI as a library
-    denoiser, vae = backend.load_comfy_denoiser(data.base_model, comfyui=data.comfyui or None,
-                                                device=config.run.device, resolution=data.resolution,
-                                                precision=config.run.precision, feed_forward=data.feed_forward)
+    denoiser, vae = backend.load_comfy_denoiser(data, device=config.run.device, precision=config.run.precision)
     clip = ClipVisionEncoder.from_folder(data.clip_vision, device=denoiser.device)
     encode = backend.shard_encoder(vae, clip, resolution=data.resolution, device=denoiser.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -149,16 +147,16 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
     from safetensors.torch import load_file
 
-    from ..targets import TargetLayers
     from .export import export_checkpoint
     from .hypernet import HyperNetwork
+    from .loop import stored_targets
 
     step = Path(args.checkpoint)
     if not (step / "state.json").is_file():
         raise FileNotFoundError(f"'{step}' is not a training checkpoint (no state.json); give a step_<n> folder")
     state = json.loads((step / "state.json").read_text())
     config = TrainConfig.from_dict(state["config"])
-    targets = TargetLayers.from_json(state["targets"], str(step / "state.json"))
+    targets = stored_targets(state, str(step / "state.json"))
     weights = load_file(str(step / "weights.safetensors"))
     if not args.no_ema and (step / "ema.safetensors").exists():
         weights.update(load_file(str(step / "ema.safetensors")))

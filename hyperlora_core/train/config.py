@@ -30,6 +30,8 @@ TRIGGER_POSITIONS = ("prefix", "suffix")
 HDB = "hdb"  # the HyperDreamBooth stage: the LiDB-predicting hypernetwork of [hdb], supervised by [lidb] weights
 STAGES = (1, 2, 3, HDB)
 BACKENDS = ("toy", "comfy")
+TEXT_ENCODER_TYPE = "stable_diffusion"  # ComfyUI's CLIPLoader default type (two CLIP files then read as SDXL's)
+MAX_TEXT_ENCODERS = 4  # comfy.sd.load_clip reads one to four text encoder files
 
 
 class TrainConfigError(HyperLoRAError, ValueError):
@@ -170,11 +172,17 @@ class RunConfig:
 class DataConfig:
     """The training data and the frozen base model."""
 
-    backend: str = "toy"  # "toy" (the tiny synthetic denoiser and identities) or "comfy" (a ComfyUI checkpoint)
+    backend: str = "toy"  # "toy" (the tiny synthetic denoiser and identities) or "comfy" (ComfyUI's loaders)
     shards: str = ""  # folder of prepared .tar shards (python -m hyperlora_core.train prepare)
     validation_shards: str = ""  # folder of held-out shards (other identities) for run.validate_every
     validation_samples: int = 16  # held-out samples validated (the first of the validation shards)
-    base_model: str = ""  # comfy backend: the base model checkpoint file (.safetensors)
+    # comfy backend, the frozen base model: a checkpoint (base_model), or a diffusion model plus text encoders and a
+    # VAE (diffusion_model + text_encoders + vae). With a checkpoint, text_encoders or vae replace its own.
+    base_model: str = ""  # a checkpoint file (.safetensors), as CheckpointLoaderSimple loads from models/checkpoints
+    diffusion_model: str = ""  # a diffusion-model-only file, as UNETLoader loads from models/diffusion_models
+    text_encoders: tuple[str, ...] = ()  # text encoder files, as (Dual)CLIPLoader loads them (SDXL: clip_l, clip_g)
+    text_encoder_type: str = TEXT_ENCODER_TYPE  # how ComfyUI reads text_encoders: CLIPLoader's type ("sdxl", "flux"…)
+    vae: str = ""  # a VAE file, as VAELoader loads from models/vae
     comfyui: str = ""  # comfy backend: a ComfyUI checkout to import comfy from ("" = already importable)
     clip_vision: str = ""  # comfy backend: CLIP ViT-L/14 vision folder or .safetensors (encodes the two crops)
     resolution: int = 1024  # training resolution in pixels (the comfy backend's latents are 1/8 of it)
@@ -186,13 +194,37 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise TrainConfigError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "comfy" and not (self.base_model and self.shards and self.clip_vision):
-            raise TrainConfigError("data.base_model (an SDXL .safetensors checkpoint), data.shards (prepared "
-                                   "shards) and data.clip_vision (CLIP ViT-L/14) are required with backend 'comfy'")
+        if isinstance(self.text_encoders, str):  # one file written without the list brackets
+            object.__setattr__(self, "text_encoders", (self.text_encoders,) if self.text_encoders else ())
+        if not (isinstance(self.text_encoders, tuple) and all(isinstance(f, str) and f for f in self.text_encoders)
+                and len(self.text_encoders) <= MAX_TEXT_ENCODERS):
+            raise TrainConfigError(f"data.text_encoders must be a list of up to {MAX_TEXT_ENCODERS} file paths, "
+                                   f"got {self.text_encoders!r}")
+        if self.backend == "comfy":
+            self._check_comfy_files()
         _positive("data", resolution=self.resolution, toy_identities=self.toy_identities, toy_images=self.toy_images,
                   toy_pretrain=self.toy_pretrain, validation_samples=self.validation_samples)
         if not isinstance(self.feed_forward, bool):
             raise TrainConfigError(f"data.feed_forward must be true or false, got {self.feed_forward!r}")
+
+    def _check_comfy_files(self) -> None:
+        """The comfy backend needs shards, CLIP vision, and one whole base model: a checkpoint, or a diffusion model
+        with its text encoders and VAE."""
+        if bool(self.base_model) == bool(self.diffusion_model):
+            raise TrainConfigError(
+                "backend 'comfy' needs the base model: set data.base_model (a checkpoint .safetensors) or "
+                "data.diffusion_model (a diffusion-model-only file) with data.text_encoders and data.vae; "
+                f"got base_model={self.base_model!r}, diffusion_model={self.diffusion_model!r}")
+        if self.diffusion_model and not (self.text_encoders and self.vae):
+            raise TrainConfigError("data.diffusion_model holds no text encoders or VAE: set data.text_encoders "
+                                   "(e.g. [\"clip_l.safetensors\", \"clip_g.safetensors\"] for SDXL) and data.vae")
+        if not (self.shards and self.clip_vision):
+            raise TrainConfigError("data.shards (prepared shards) and data.clip_vision (CLIP ViT-L/14) are required "
+                                   "with backend 'comfy'")
+        if not (isinstance(self.text_encoder_type, str) and self.text_encoder_type.isidentifier()
+                and self.text_encoder_type.islower()):
+            raise TrainConfigError(f"data.text_encoder_type must be a type name of ComfyUI's CLIPLoader such as "
+                                   f"'sdxl' or 'flux', got {self.text_encoder_type!r}")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..errors import HyperLoRAError
+from ..errors import CheckpointFormatError, HyperLoRAError
+from ..targets import TargetLayers, released_target_layers
+from ..topology import UNetSpec, resolve
 from .config import TrainConfig, TrainConfigError
 from .denoiser import Batch, Denoiser
 from .hypernet import HyperNetwork
@@ -297,6 +299,36 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"training checkpoint '{folder}' has no weights.safetensors; give a step_<n> folder "
                                 "written by python -m hyperlora_core.train run")
     return load_file(str(path))
+
+
+def stored_targets(state: dict, where: str) -> TargetLayers:
+    """The target layers a training checkpoint's state.json (``where``) records.
+
+    Today's trainer stores them whole under "targets" (TargetLayers.to_json). Checkpoints of the first trainer hold
+    "targets" as the SGM names of SDXL attention modules, in token order, and "unet" (a UNetSpec: name,
+    level_widths, context_dim): their layers are those modules' four linears at those widths, which is what
+    released_target_layers makes of a released module list (sdxl_target_layers, for all 140 modules in SGM order).
+    """
+    targets, unet = state.get("targets"), state.get("unet")
+    if isinstance(targets, dict):
+        return TargetLayers.from_json(targets, where)
+    if isinstance(targets, list) and isinstance(unet, dict):
+        try:
+            spec = UNetSpec(str(unet["name"]), tuple(int(w) for w in unet["level_widths"]), int(unet["context_dim"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointFormatError(f"'{where}': its \"unet\" entry {unet!r} is no UNet description ({exc}). "
+                                        "The file was edited or damaged; use the one the trainer wrote.") from exc
+        modules = [resolve(str(name)) for name in targets]
+        if None in modules:
+            unknown = targets[modules.index(None)]
+            raise CheckpointFormatError(f"'{where}': \"targets\" lists {unknown!r}, which is no SDXL attention "
+                                        "module. The file was edited or damaged; use the one the trainer wrote.")
+        return released_target_layers(modules, spec)
+    raise CheckpointFormatError(
+        f"'{where}' does not record the layers the hypernetwork was trained for (no \"targets\" description): an "
+        "early trainer wrote it. Export it through its run instead, which reads them from the run's base model: "
+        "python -m hyperlora_core.train run --config <the run's TOML> --resume <this step folder> --steps <its "
+        f"step, {state.get('step')}> --export <folder to write>.")
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:

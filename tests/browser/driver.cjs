@@ -59,19 +59,30 @@ function seen() {
   return { ...window.__seen, open: pinia._s.get("dialog").dialogStack.map((d) => d.key), errorToasts };
 }
 
+// In the page: the two steps every graph built below is made of, kept on window.__graph (page.evaluate sends a
+// function's own text, so the builders cannot share a helper by closure): add a node of a type at a position with
+// widget values, and link an output slot of one node to a named input of another.
+function installGraphTools() {
+  const { app } = window.comfyAPI.app;
+  window.__graph = {
+    add(type, pos, values = {}) {
+      const node = LiteGraph.createNode(type);
+      node.pos = pos;
+      app.graph.add(node);
+      for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
+      return node;
+    },
+    link: (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input)),
+  };
+}
+
 // In the page: build the guard's test graph. CheckpointLoaderSimple -> ApplyHyperLoRA -> KSampler, whose
 // positive comes from a prompt through ControlNetApplyAdvanced (which also carries the negative), and
 // HyperLoRAHook -> ConditioningSetProperties <- a second prompt.
 function buildGuardGraph({ positive, negative, hookPrompt }) {
   const { app } = window.comfyAPI.app;
   app.graph.clear();
-  const add = (type, pos, values = {}) => {
-    const node = LiteGraph.createNode(type);
-    node.pos = pos;
-    app.graph.add(node);
-    for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
-    return node;
-  };
+  const { add, link } = window.__graph;
   const ckpt = add("CheckpointLoaderSimple", [0, 0]);
   const loader = add("LoadHyperLoRA", [0, 250]);
   const image = add("LoadImage", [0, 450]);
@@ -85,7 +96,6 @@ function buildGuardGraph({ positive, negative, hookPrompt }) {
   const hook = add("HyperLoRAHook", [700, 1200]);
   const hookText = add("CLIPTextEncode", [700, 1500], { text: hookPrompt });
   const setProps = add("ConditioningSetProperties", [1200, 1200]);
-  const link = (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input));
   link(ckpt, 0, apply, "model"); link(loader, 0, apply, "hyper_lora"); link(loader, 0, identity, "hyper_lora");
   link(image, 0, identity, "image"); link(identity, 0, apply, "identity");
   link(ckpt, 1, pos, "clip"); link(ckpt, 1, neg, "clip"); link(ckpt, 1, hookText, "clip");
@@ -225,19 +235,12 @@ async function checkGuardWithPromptSelected(page, config) {
 function buildSaveGraph({ checkpoint, analyzer }) {
   const { app } = window.comfyAPI.app;
   app.graph.clear();
-  const add = (type, pos, values = {}) => {
-    const node = LiteGraph.createNode(type);
-    node.pos = pos;
-    app.graph.add(node);
-    for (const [name, value] of Object.entries(values)) node.widgets.find((w) => w.name === name).value = value;
-    return node;
-  };
+  const { add, link } = window.__graph;
   const loader = add("LoadHyperLoRA", [0, 0], { checkpoint, face_analyzer: analyzer, provider: "cpu", dtype: "fp32" });
   const photo = add("HLTestFaceImage", [0, 250], { seed: 3 });
   const identity = add("HyperLoRAFromImage", [350, 0]);
   const saveLora = add("SaveHyperLoRA", [750, 0], { filename_prefix: "browser/me" });
   const saveIdentity = add("SaveHyperLoRAIdentity", [750, 250], { filename_prefix: "browser_me" });
-  const link = (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input));
   link(loader, 0, identity, "hyper_lora"); link(photo, 0, identity, "image");
   link(loader, 0, saveLora, "hyper_lora"); link(identity, 0, saveLora, "identity");
   link(identity, 0, saveIdentity, "identity");
@@ -373,6 +376,7 @@ async function main() {
     result.prunedModelProviders = await page.evaluate(pruneMissingModelProviders);
     if (config.screenshot) await page.evaluate(plainCanvasSettings);
     result.openAtStart = await page.evaluate(watchStores);
+    await page.evaluate(installGraphTools);
     ready = true;
 
     for (const file of config.workflows) {

@@ -34,4 +34,7 @@ def test_gpu_check_runs_tiny_on_the_cpu(comfy, tmp_path):
         assert row["steps"] == 2 and row["lora_pairs"] == 560
         assert math.isfinite(row["first_loss"]) and math.isfinite(row["last_loss"])
         assert row["saved_bytes"] > 0 and row["peak_bytes"] > 0
-    assert "refine mode" in done.stdout and "sampling:" in done.stdout
+    steps = [row["step"] for row in report["training"]["rows"]]
+    assert steps == ["plain LoRA (rank 4)"] + [f"HyperLoRA stage {n}" for n in (1, 2, 3)]
+    assert all(row["s"] > 0 for row in report["training"]["rows"])
+    assert "refine mode" in done.stdout and "sampling:" in done.stdout and "HyperLoRA stage 3" in done.stdout

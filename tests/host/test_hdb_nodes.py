@@ -127,3 +127,21 @@ def test_the_lora_patches_every_layer_of_the_tiny_sdxl(hdb_setup, comfy, tiny_sd
     finally:
         patched.unpatch_model()
     assert moved > 0
+
+
+def test_a_batch_is_refused_and_skipped_as_hyperlora_face_does(hdb_setup):
+    """The photos go through the pipeline's usable_faces, as HyperLoRA Face's do: a photo without a face stops the
+    run naming it (with the way to skip it), on_failure skip leaves it out, and nothing usable at all is refused."""
+    nodes = pack_module("nodes.hyperdreambooth")
+    (hdb,) = nodes.LoadHyperDreamBooth.execute("tiny.safetensors").result
+    batch = torch.from_numpy(np.stack([photo(0), np.zeros((640, 640, 3), np.uint8)])).float() / 255.0
+    args = dict(face_analyzer="models/antelopev2", provider="cpu", remove_background=True, face_index=-1)
+    with pytest.raises(ValueError, match=r"photo 2.*set on_failure: skip") as stopped:
+        nodes.HyperDreamBoothFromImage.execute(hdb, batch, on_failure="error", **args)
+    assert type(stopped.value).__name__ == "FaceNotFoundError"
+    _, _, crops = nodes.HyperDreamBoothFromImage.execute(hdb, batch, on_failure="skip", **args).result
+    assert crops.shape[0] == 1
+    with pytest.raises(ValueError, match=r"no usable face in any of the 2 photo\(s\).*photo 1: .*; photo 2: "):
+        nodes.HyperDreamBoothFromImage.execute(hdb, batch[[1, 1]], on_failure="skip", **args)
+    with pytest.raises(ValueError, match="the image batch is empty"):
+        nodes.HyperDreamBoothFromImage.execute(hdb, batch[:0], on_failure="error", **args)

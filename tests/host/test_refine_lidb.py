@@ -7,6 +7,7 @@ import pytest
 import test_refine
 import torch
 from comfy_server import show
+from nodepack import tiny
 from test_refine import _assert_untouched, _pack_module, _with_lora, node_defaults
 
 from hyperlora_core.lora_io import lora_delta, lora_prefixes
@@ -88,6 +89,11 @@ def test_lidb_start_and_rank_relaxed_on_top(comfy, setup, tmp_path):
     assert type(wrong.value).__name__ == "RefineInputError"
     with pytest.raises(ValueError, match="connect hyper_lora and identity"):
         s.training.refine(s.model, s.vae, s.positive, None, None, s.images, _config(mode="coefficients", steps=1))
+    with pytest.raises(ValueError, match=r"This LiDB was made for SDXL and the MODEL is SD15: they do not fit\. "
+                                         r"First layer that does not fit: diffusion_model\..* or a LiDB made for "
+                                         r"SD15\.") as other:
+        s.training.refine(tiny.tiny_sd15(), s.vae, s.positive, None, None, s.images, _config(steps=1), start=saved)
+    assert type(other.value).__name__ == "LidbMismatchError"
     _assert_untouched(comfy, s)
 
 

@@ -255,12 +255,17 @@ def note_text(what: str, *extra: str) -> str:
     return "\n".join([what, "", MODELS, *extra, "", TRIGGERS])
 
 
+def hyper_lora_loader(w: Workflow, pos) -> Node:
+    """LoadHyperLoRA on the released checkpoint and the antelopev2 folder, with the node's defaults."""
+    return w.add("LoadHyperLoRA", pos, checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
+                 keep_networks=False)
+
+
 def identity_chain(w: Workflow, x: float, y: float, image: str = "face.jpg", *, title: str = "Photo of the person",
                    hyper: Node | None = None) -> tuple[Node, Node, Node]:
     """[LoadHyperLoRA] + LoadImage + HyperLoRAFromImage + PreviewImage of the face crops."""
     if hyper is None:
-        hyper = w.add("LoadHyperLoRA", (x, y), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto",
-                      dtype="auto", keep_networks=False)
+        hyper = hyper_lora_loader(w, (x, y))
         y += 210
     photo = w.add("LoadImage", (x, y), title=title, image=image, upload="image")
     ident = from_image(w, hyper, photo.out("IMAGE"), (x + 360, y), preview=(x, y + 390))
@@ -312,6 +317,16 @@ def sample_and_save(w: Workflow, ckpt: Node, model, positive, negative, x: float
     return sampler
 
 
+def sample_with_lora(w: Workflow, ckpt: Node, lora, pos: Node, neg: Node, prefix: str) -> Node:
+    """The stock LoraModelLoader puts ``lora`` (which holds its own strength: 1.0) on the checkpoint's MODEL, then
+    sample_and_save to the right of it."""
+    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
+    w.connect(ckpt.out("MODEL"), loaded, "model")
+    w.connect(lora, loaded, "lora")
+    return sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
+                           prefix)
+
+
 def checkpoint(w: Workflow, pos) -> Node:
     return w.add("CheckpointLoaderSimple", pos, title="Load Checkpoint (SDXL)", ckpt_name=CHECKPOINT)
 
@@ -345,8 +360,7 @@ def several_photos() -> Workflow:
                      "Upscale Image makes them one size (centre crop) so they can be batched; keep the face "
                      "inside the centre square. Add photos with more Load Image + Upscale Image + Batch Images.",
                      SDXL), (0, -340))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
-                  keep_networks=False)
+    hyper = hyper_lora_loader(w, (0, 0))
     scaled = []
     for i in range(3):
         photo = w.add("LoadImage", (0, 210 + 400 * i), title=f"Photo {i + 1}", image=f"face_{i + 1}.jpg",
@@ -400,8 +414,7 @@ def concept_slider() -> Workflow:
     w.note(note_text("A slider between two photos (e.g. the same person neutral / smiling, young / old). "
                      "strength +1 moves toward the end photo, -1 toward the start; try -2..2. weight mode: the "
                      "exact LoRA difference; coefficient mode: moves the identity itself.", SDXL), (0, -340))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
-                  keep_networks=False)
+    hyper = hyper_lora_loader(w, (0, 0))
     start = w.add("LoadImage", (0, 210), title="Start photo", image="start.jpg", upload="image")
     end = w.add("LoadImage", (0, 600), title="End photo", image="end.jpg", upload="image")
     ckpt = checkpoint(w, (0, 990))
@@ -425,8 +438,7 @@ def two_people() -> Workflow:
                      "(SolidMask + MaskComposite build the left and right masks; change x / width to move the "
                      "split). The model itself is not patched.", SDXL,
                      "Both regional prompts need the trigger words."), (0, -360), size=(420, 320))
-    hyper = w.add("LoadHyperLoRA", (0, 0), checkpoint=HYPER, face_analyzer=ANALYZER, provider="auto", dtype="auto",
-                  keep_networks=False)
+    hyper = hyper_lora_loader(w, (0, 0))
     ckpt = checkpoint(w, (0, 990))
     clip = clip_skip(w, ckpt, (0, 1150))
     canvas = w.add("SolidMask", (1120, 700), title="Empty canvas", value=0.0, width=width, height=height)
@@ -513,11 +525,7 @@ def refine() -> Workflow:
     ckpt, pos, neg, refined = refine_chain(w, REFINE.mode)
     saved = w.add("SaveLoRANode", (1220, 740), prefix="loras/hyperlora/refined")
     w.connect(refined.out("lora"), saved, "lora")
-    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
-    w.connect(ckpt.out("MODEL"), loaded, "model")
-    w.connect(refined.out("lora"), loaded, "lora")
-    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
-                    "hyperlora/refined")
+    sample_with_lora(w, ckpt, refined.out("lora"), pos, neg, "hyperlora/refined")
     return w
 
 
@@ -533,11 +541,7 @@ def lidb() -> Workflow:
     ckpt, pos, neg, refined = refine_chain(w, "lidb")
     saved = w.add("SaveLiDB", (1220, 740), filename_prefix="lidb/my_identity", storage="fp16")
     w.connect(refined.out("lidb"), saved, "lidb")
-    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
-    w.connect(ckpt.out("MODEL"), loaded, "model")
-    w.connect(refined.out("lora"), loaded, "lora")
-    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
-                    "hyperlora/lidb")
+    sample_with_lora(w, ckpt, refined.out("lora"), pos, neg, "hyperlora/lidb")
     return w
 
 
@@ -564,11 +568,7 @@ def hyperdreambooth() -> Workflow:
     w.connect(predicted.out("lidb"), saved, "lidb")
     ckpt = checkpoint(w, (760, 300))
     pos, neg = prompts(w, ckpt, 1220, 0)
-    loaded = w.add("LoraModelLoader", (1680, 0), strength_model=1.0)
-    w.connect(ckpt.out("MODEL"), loaded, "model")
-    w.connect(predicted.out("lora"), loaded, "lora")
-    sample_and_save(w, ckpt, loaded.out("MODEL"), pos.out("CONDITIONING"), neg.out("CONDITIONING"), 2060, 0,
-                    "hyperlora/hyperdreambooth")
+    sample_with_lora(w, ckpt, predicted.out("lora"), pos, neg, "hyperlora/hyperdreambooth")
     return w
 
 

@@ -15,14 +15,13 @@ for _path in (_TESTS, _ROOT):  # modules, e.g. its nodes.py, keep their names)
         sys.path.append(_path)
 
 from . import families, faults, tiny  # noqa: E402
-
-SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the random weights / pixels"})
+from .base import CATEGORY, SEED, AlwaysRunsOutput, SeededBuilder, save_output  # noqa: E402
 
 
 class HLTestTinySDXL:
     """SDXL (140 attention modules, SDXL names) at model_channels 32: attention widths 64/128, context 64."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "build"
 
@@ -36,70 +35,38 @@ class HLTestTinySDXL:
         return (tiny.tiny_sdxl(seed, model_channels),)
 
 
-class HLTestTinySD15:
+class HLTestTinySD15(SeededBuilder):
     """SD1.5 (comfy.supported_models.SD15) at tiny widths, context 64: the wrong base model for an SDXL LoRA."""
 
-    CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": SEED}}
-
-    def build(self, seed):
-        return (tiny.tiny_sd15(seed),)
+    make = staticmethod(tiny.tiny_sd15)
 
 
-class HLTestTinyCLIP:
+class HLTestTinyCLIP(SeededBuilder):
     """SDXL's text encoders (clip_l + clip_g, real tokenizers) at width 32: context [1, 77, 64], pooled [1, 32]."""
 
-    CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("CLIP",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": SEED}}
-
-    def build(self, seed):
-        return (tiny.tiny_clip(seed),)
+    make = staticmethod(tiny.tiny_clip)
 
 
-class HLTestTinyVAE:
+class HLTestTinyVAE(SeededBuilder):
     """A TAESD-shaped VAE with random weights, loaded by comfy.sd.VAE as the stock VAELoader would."""
 
-    CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("VAE",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": SEED}}
-
-    def build(self, seed):
-        return (tiny.tiny_vae(seed),)
+    make = staticmethod(tiny.tiny_vae)
 
 
-class HLTestTinyControlNet:
+class HLTestTinyControlNet(SeededBuilder):
     """A CONTROL_NET for the tiny SDXL: what ControlNetLoader gives for an SDXL ControlNet, at tiny widths."""
 
-    CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("CONTROL_NET",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": SEED}}
-
-    def build(self, seed):
-        return (tiny.tiny_controlnet(seed),)
+    make = staticmethod(tiny.tiny_controlnet)
 
 
 class HLTestFaceImage:
     """A 640x640 dark photo with a painted face the antelopev2 doubles detect (or none, with face=False)."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "build"
 
@@ -111,17 +78,14 @@ class HLTestFaceImage:
         return (tiny.face_photo(seed, face),)
 
 
-class HLTestDumpWeights:
+class HLTestDumpWeights(AlwaysRunsOutput):
     """Write the model's attention weights (the 560 LoRA targets) to output/<name>.safetensors.
 
     load True: through ComfyUI's model management first (load_models_gpu applies the MODEL's patches in place, as
     before sampling); False: the module as it is now. ``after`` only orders this node after a sampler.
     """
 
-    CATEGORY = "hyperlora_test"
-    RETURN_TYPES = ()
     FUNCTION = "dump"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -130,14 +94,8 @@ class HLTestDumpWeights:
                              "load": ("BOOLEAN", {"default": True, "tooltip": "apply the patches first"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
 
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
     def dump(self, model, name, load, after=None):
         import comfy.model_management
-        import folder_paths
-        import safetensors.torch
 
         if load:
             comfy.model_management.load_models_gpu([model], force_full_load=True)
@@ -145,17 +103,14 @@ class HLTestDumpWeights:
         weights = {k: v.detach().float().cpu().clone() for k, v in sd.items() if tiny.is_lora_target(k)}
         meta = {"patches": str(len(model.patches)), "patched_targets": str(sum(
             1 for k in model.patches if tiny.is_lora_target(k.removeprefix("diffusion_model."))))}
-        path = Path(folder_paths.get_output_directory()) / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(weights, str(path), metadata=meta)
-        return {"ui": {"dump": [{"path": str(path), **meta, "weights": len(weights)}]}}
+        return save_output(name, weights, meta)
 
 
 class HLTestRecordWeights:
     """MODEL -> MODEL whose every UNet call saves one weight (``key``), the batch's cond_or_uncond and sigma to
     output/<name>/call_<n>.safetensors; before.safetensors holds the weight when this node ran."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "wrap"
 
@@ -193,22 +148,15 @@ class HLTestRecordWeights:
         return (patched,)
 
 
-class HLTestLoadedModels:
+class HLTestLoadedModels(AlwaysRunsOutput):
     """Report ComfyUI's loaded models (class, bytes) and this process's RSS; always re-runs."""
 
-    CATEGORY = "hyperlora_test"
-    RETURN_TYPES = ()
     FUNCTION = "report"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"tag": ("STRING", {"default": "", "tooltip": "any text, shown back"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def report(self, tag, after=None):
         import gc
@@ -225,23 +173,16 @@ class HLTestLoadedModels:
         return {"ui": {"report": [{"tag": tag, "models": models, "rss": psutil.Process().memory_info().rss}]}}
 
 
-class HLTestHyperLoRAState:
+class HLTestHyperLoRAState(AlwaysRunsOutput):
     """Report what a HYPER_LORA holds now and how often each part was built (its ``loaded()``), and how many of
     ComfyUI's loaded models are not ComfyUI's own classes (ours); always re-runs."""
 
-    CATEGORY = "hyperlora_test"
-    RETURN_TYPES = ()
     FUNCTION = "report"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"hyper_lora": ("HYPER_LORA", {"tooltip": "the HyperLoRA to look at"})},
                 "optional": {"after": ("LATENT", {"tooltip": "run after the node giving this"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def report(self, hyper_lora, after=None):
         import gc

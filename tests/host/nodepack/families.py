@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import tiny
+from .base import CATEGORY, SEED, AlwaysRunsOutput, save_output
 
 # Flux.1 (comfy.ldm.flux): 19 double-stream and 38 single-stream blocks, as in flux1-dev, at width 64
 TINY_FLUX_REAL = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
@@ -161,28 +162,25 @@ FAMILIES = _families()
 class HLTestTinyFamily:
     """A MODEL of one tested family (SD1.5, SDXL, Flux, Qwen-Image at real block counts; SD3 at 2 blocks)."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "build"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"family": (list(FAMILIES), {"tooltip": "ComfyUI's model_config class name"}),
-                             "seed": tiny_seed()}}
+                             "seed": SEED}}
 
     def build(self, family, seed):
         return (FAMILIES[family].build(seed),)
 
 
-class HLTestDumpTargets:
+class HLTestDumpTargets(AlwaysRunsOutput):
     """Write the weights of the model's target linears (read by target_scan, as the HyperLoRA nodes read them) to
     output/<name>.safetensors, after ComfyUI's model management applied the MODEL's patches; metadata: how many
     patches the MODEL carries and the family."""
 
-    CATEGORY = "hyperlora_test"
-    RETURN_TYPES = ()
     FUNCTION = "dump"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -190,17 +188,9 @@ class HLTestDumpTargets:
                              "name": ("STRING", {"default": "targets", "tooltip": "file name under output/"}),
                              "feed_forward": ("BOOLEAN", {"default": False, "tooltip": "add the feed-forward"})}}
 
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
     def dump(self, model, name, feed_forward):
-        from pathlib import Path
-
         import comfy.lora
         import comfy.model_management
-        import folder_paths
-        import safetensors.torch
 
         from hyperlora_core.target_scan import read_tree, scan_targets
 
@@ -209,15 +199,7 @@ class HLTestDumpTargets:
         targets = scan_targets(read_tree(base, comfy.lora.model_lora_keys_unet(base, {})), feed_forward=feed_forward)
         sd = base.state_dict()
         weights = {lin.key: sd[lin.key + ".weight"].detach().float().cpu().clone() for lin in targets.linears}
-        meta = {"patches": str(len(model.patches)), "family": targets.family}
-        path = Path(folder_paths.get_output_directory()) / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(weights, str(path), metadata=meta)
-        return {"ui": {"dump": [{"path": str(path), **meta, "weights": len(weights)}]}}
-
-
-def tiny_seed():
-    return ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the random weights"})
+        return save_output(name, weights, {"patches": str(len(model.patches)), "family": targets.family})
 
 
 NODE_CLASS_MAPPINGS = {"HLTestTinyFamily": HLTestTinyFamily, "HLTestDumpTargets": HLTestDumpTargets}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import tiny
+from .base import CATEGORY, AlwaysRunsOutput, SeededBuilder
 
 IMAGE_KINDS = ("empty_batch", "one_pixel", "huge", "nan", "inf")
 HUGE_SIDE = 20000
@@ -99,7 +100,7 @@ def cancel_when(target: str, after: int = 1) -> None:
 class HLTestBadImage:
     """An IMAGE that is no usable photo: an empty batch, 1x1, 20000x20000, or with NaN / inf pixels."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "build"
 
@@ -111,32 +112,24 @@ class HLTestBadImage:
         return (bad_image(kind),)
 
 
-class HLTestTinyFlux:
+class HLTestTinyFlux(SeededBuilder):
     """Flux (comfy.supported_models.Flux) at width 64: not an SDXL UNet at all."""
 
-    CATEGORY = "hyperlora_test"
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed"})}}
-
-    def build(self, seed):
-        return (tiny_flux(seed),)
+    make = staticmethod(tiny_flux)
 
 
-class HLTestTinySD3(HLTestTinyFlux):
+class HLTestTinySD3(SeededBuilder):
     """SD3 (comfy.supported_models.SD3, MMDiT) at depth 1."""
 
-    def build(self, seed):
-        return (tiny_sd3(seed),)
+    RETURN_TYPES = ("MODEL",)
+    make = staticmethod(tiny_sd3)
 
 
 class HLTestClipVision:
     """A CLIP_VISION of a given architecture's width (ViT-H, ViT-bigG, ViT-L), one layer."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP_VISION",)
     FUNCTION = "build"
 
@@ -151,7 +144,7 @@ class HLTestClipVision:
 class HLTestCancelAt:
     """Pass a MODEL and an IMAGE through, and press Cancel when ``node`` reports progress ``after``."""
 
-    CATEGORY = "hyperlora_test"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "IMAGE")
     FUNCTION = "arm"
 
@@ -171,21 +164,14 @@ class HLTestCancelAt:
         return (model, image)
 
 
-class HLTestSleep:
+class HLTestSleep(AlwaysRunsOutput):
     """Keep the queue busy for ``seconds`` (an output node that always runs)."""
 
-    CATEGORY = "hyperlora_test"
-    RETURN_TYPES = ()
     FUNCTION = "sleep"
-    OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 60.0, "tooltip": "seconds"})}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def sleep(self, seconds):
         time.sleep(seconds)

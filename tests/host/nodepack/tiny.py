@@ -127,8 +127,9 @@ def tiny_controlnet(seed: int = 0):
     randomise(model, seed, scale=0.02)
     return comfy.controlnet.ControlNet(model, load_device=comfy.model_management.get_torch_device())
 
-def tiny_clip(seed: int = 0):
-    """comfy.sd.CLIP around SDXL's two text encoders (sdxl_clip.SDXLClipModel) at width 32, real tokenizers."""
+def tiny_clip(seed: int = 0, options: dict | None = None):
+    """comfy.sd.CLIP around SDXL's two text encoders (sdxl_clip.SDXLClipModel) at width 32, real tokenizers;
+    ``options``: its model_options (default TINY_CLIP_OPTIONS)."""
     import comfy.sd
     import comfy.sdxl_clip
     import torch
@@ -138,7 +139,7 @@ def tiny_clip(seed: int = 0):
         clip = comfy.sdxl_clip.SDXLClipModel
         tokenizer = comfy.sdxl_clip.SDXLTokenizer
 
-    clip = comfy.sd.CLIP(target=Target(), model_options=dict(TINY_CLIP_OPTIONS, dtype=torch.float32))
+    clip = comfy.sd.CLIP(target=Target(), model_options=dict(options or TINY_CLIP_OPTIONS, dtype=torch.float32))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in clip.cond_stage_model.named_parameters():

@@ -2,7 +2,7 @@
 (:func:`aux_pair`), every target linear's on a few threads (:func:`iter_aux`), and a bounded in-process cache
 (:data:`AUX_CACHE`) so that loading a LiDB again, or another LiDB of the same layout, generates nothing. Pure torch.
 
-Where the time goes (SDXL's 560 linears at a = 100, b = 50, one thread, ~5 s in all on a quiet machine): the
+Where the time went (cProfile of 8b30336, SDXL's 560 linears at a = 100, b = 50, one thread, ~5 s in all): the
 float64 QR ~42 %, the Box–Muller arithmetic ~33 %, the SHAKE-256 stream ~18 %; Python's own share is small (~20
 torch calls of 0.1–1 M elements per linear), so batching linears of one shape would save little, and it would move
 elements across the boundaries where torch switches between its vectorised and scalar ``log``/``cos``/``sin``,

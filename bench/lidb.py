@@ -3,9 +3,10 @@
     python bench/lidb.py [--threads 1]
 
 Prints the file sizes per storage, and the seconds of: generating every aux matrix once (what Refine's mode lidb
-does before training), rebuilding the LoRA from a file (Load LiDB: one linear's aux at a time), loading a file,
-and one training step's LiDB factors (forward and backward of all 560 ``up``/``down`` projections, the part mode
-lidb adds to a step); each time with its ratio to the first.
+does before training; the process's cache emptied first), the same once they are cached, rebuilding the LoRA from
+a file's numbers (Load LiDB) with the cache empty and with it holding the layout, loading a file, and one training
+step's LiDB factors (forward and backward of all 560 ``up``/``down`` projections, the part mode lidb adds to a
+step); each time with its ratio to the first. ``bench/lidb_load.py`` compares Load LiDB with an older checkout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from hyperlora_core.finetune import LidbOnBase  # noqa: E402
 from hyperlora_core.lidb import LIDB_A, LIDB_B, STORAGE, LiDB, LidbAux  # noqa: E402
+from hyperlora_core.lidb_aux import AUX_CACHE, AUX_WORKERS  # noqa: E402
 from hyperlora_core.targets import sdxl_target_layers  # noqa: E402
 
 
@@ -48,20 +50,27 @@ def main() -> None:
     n = len(targets.linears)
     g = torch.Generator().manual_seed(0)
     weights = LiDB(targets, torch.randn(n, LIDB_A, generator=g) * 0.1, torch.randn(n, LIDB_B, generator=g) * 0.01)
-    print(f"SDXL: {n} linears, a={LIDB_A}, b={LIDB_B}: {n * (LIDB_A + LIDB_B):,} numbers; {args.threads} thread(s)")
+    print(f"SDXL: {n} linears, a={LIDB_A}, b={LIDB_B}: {n * (LIDB_A + LIDB_B):,} numbers; {args.threads} torch "
+          f"thread(s), {AUX_WORKERS} aux worker thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {s: weights.save(Path(tmp) / f"{s}.safetensors", storage=s) for s in STORAGE}
         for s, p in paths.items():
             print(f"  file {s:>4}: {p.stat().st_size:>9,} bytes")
+        AUX_CACHE.clear()
         t_aux, aux = timed(lambda: LidbAux(targets))
         mib = sum(t.numel() * 4 for t in [*aux.down_aux, *aux.up_aux]) / 2 ** 20
+        t_cached, _ = timed(lambda: LidbAux(targets), repeat=5)
+        AUX_CACHE.clear()
         t_lora, _ = timed(weights.lora)
+        t_lora_warm, _ = timed(weights.lora, repeat=5)
         t_load, _ = timed(lambda: LiDB.load(paths["fp16"], targets=targets), repeat=5)
     lidb = LidbOnBase(aux)
     step(lidb, n)  # warm-up
     t_step, _ = timed(lambda: step(lidb, n), repeat=3)
     rows = [(f"aux matrices, all {n} (float32, {mib:.0f} MiB)", t_aux),
-            ("LoRA from a file's numbers (one aux at a time)", t_lora),
+            ("aux matrices again (cached)", t_cached),
+            ("LoRA from a file's numbers (cache empty)", t_lora),
+            ("LoRA from a file's numbers (cache holds them)", t_lora_warm),
             ("load + check an fp16 file", t_load),
             (f"mode lidb: {n} factors, forward + backward", t_step)]
     for name, t in rows:

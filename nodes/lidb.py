@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
@@ -16,9 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def lidb_lora(lidb: LiDB) -> dict:
-    """The LiDB's LoRA in ComfyUI keys, with a progress bar while its aux matrices are generated."""
+    """The LiDB's LoRA in ComfyUI keys. Its aux matrices come from the process's cache, else they are generated
+    (seconds for SDXL) with a progress bar, which also stops them when the user cancels the run."""
     pbar = comfy.utils.ProgressBar(len(lidb.targets.linears))
-    return lidb.lora(progress=lambda done, total: pbar.update_absolute(done, total))
+
+    def progress(done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+
+    return lidb.lora(progress=progress)
 
 
 class SaveLiDB(io.ComfyNode):

@@ -83,3 +83,28 @@ def test_save_of_an_empty_output_and_bad_files_are_named(lidb_folder):
     with pytest.raises(ValueError, match="not a LiDB file") as foreign:
         nodes.LoadLiDB.execute("identity.safetensors")
     assert type(foreign.value).__name__ == "LidbFormatError"
+
+
+def test_load_reuses_the_aux_matrices_and_can_be_cancelled(lidb_folder, weights, monkeypatch):
+    """A second Load LiDB of the same layout generates nothing (the bar fills at once) and gives the same LoRA;
+    cancelling the run during the generation stops it and keeps nothing half-made."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    nodes, core = pack_module("nodes.lidb"), pack_module("hyperlora_core.lidb")
+    cache = pack_module("hyperlora_core.lidb_aux").AuxCache()
+    monkeypatch.setattr(core, "AUX_CACHE", cache)
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        seen.append((value, total)))
+    name = nodes.SaveLiDB.execute(weights, "anna", "fp32").result[0]
+    monkeypatch.setattr(mm, "interrupt_processing", True)  # the Cancel button (put back after the test)
+    with pytest.raises(mm.InterruptProcessingException):
+        nodes.LoadLiDB.execute(name)
+    assert len(cache) == 0 and seen == []
+    _, first = nodes.LoadLiDB.execute(name).result
+    assert seen == [(j + 1, 8) for j in range(8)] and len(cache) == 1
+    seen.clear()
+    _, second = nodes.LoadLiDB.execute(name).result
+    assert seen == [(8, 8)]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -34,7 +34,7 @@ from ..targets import TargetLayers, released_target_layers
 from ..topology import UNetSpec, resolve
 from .config import TrainConfig, TrainConfigError
 from .denoiser import Batch, Denoiser
-from .hypernet import HyperNetwork
+from .hypernet import BasisStack, HyperNetwork
 from .stages import STAGES, draw
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Trainer:
             mesh = init_device_mesh(self.device.type, (self.world,))
             # each basis stack (most of the parameters) is its own unit, gathered only while it mixes and freed
             # after: the whole network never exists unsharded at once
-            for stack in filter(None, (self.net.id_bases, self.net.base_bases)):
+            for stack in [m for m in self.net.modules() if isinstance(m, BasisStack)]:  # none in stage "hdb"
                 fully_shard(stack, mesh=mesh)
             return fully_shard(self.net, mesh=mesh)
         from torch.nn.parallel import DistributedDataParallel
